@@ -1,0 +1,295 @@
+"""The work of one batch, free of Prefect: ingest → plan → decode once → stages → store.
+
+For each video the planner computes every stage's cache key and keeps only the stages whose
+output is missing (decision 1). Videos with work are decoded in small chunks, once, with only
+the inputs their pending stages need (decision 5); the next chunk decodes on a second thread
+while the stages run on this one. Each stage then runs on the whole chunk as one batch.
+Every outcome becomes a ledger row (decision 3); a failing video never stops the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from extractors.base import Extractor, Members, Video, make_stage, order_stages
+from extractors.media import decode_audio, decode_frames, working_size
+from storage.atomic import is_local
+from storage.cache_keys import stage_keys
+from storage.feature_store import FeatureStore
+from storage.ingest import Ingested, Ingestor
+from storage.ledger import Ledger, LedgerRow
+from storage.manifest import ManifestRow
+from usv.config import BuildConfig
+from usv.errors import ErrorKind, UsvError
+
+INGEST = "ingest"
+
+_STAGES: dict[str, Extractor[Any]] = {}
+_STAGES_LOCK = threading.Lock()
+_RUN_LOCKS: dict[int, threading.Lock] = {}
+
+
+def load_stages(cfg: BuildConfig, names: Sequence[str] | None = None) -> list[Extractor[Any]]:
+    """Stage objects in dependency order, one per process and settings (models load once)."""
+    out = []
+    with _STAGES_LOCK:
+        for name in order_stages(names or cfg.stages):
+            settings = cfg.stage_config.get(name, {})
+            ident = f"{name}:{json.dumps(settings, sort_keys=True)}"
+            if ident not in _STAGES:
+                _STAGES[ident] = make_stage(name, settings)
+                _RUN_LOCKS[id(_STAGES[ident])] = threading.Lock()
+            out.append(_STAGES[ident])
+    return out
+
+
+def media_cache(cfg: BuildConfig) -> Path:
+    if is_local(cfg.output):
+        return Path(cfg.output) / "cache" / "media"
+    return Path.home() / ".cache" / "usv" / "media"
+
+
+@dataclass
+class _Item:
+    row: ManifestRow
+    ingested: Ingested
+    keys: dict[str, str]
+    pending: list[str]
+    produced: dict[str, Members] = field(default_factory=dict)
+    failed: dict[str, UsvError] = field(default_factory=dict)
+    video: Video | None = None
+    decode_errors: dict[str, UsvError] = field(default_factory=dict)
+
+
+@dataclass
+class BatchReport:
+    """The small manifest a task returns (decision 4): counts, never arrays."""
+
+    videos: int = 0
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def add(self, stage: str, outcome: str) -> None:
+        self.counts.setdefault(stage, {})
+        self.counts[stage][outcome] = self.counts[stage].get(outcome, 0) + 1
+
+
+def _error_of(exc: BaseException) -> UsvError:
+    if isinstance(exc, UsvError):
+        return exc
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return UsvError(ErrorKind.OOM, f"{type(exc).__name__}: {exc}")
+    return UsvError(ErrorKind.MODEL, f"{type(exc).__name__}: {exc}")
+
+
+class BatchRunner:
+    def __init__(self, cfg: BuildConfig, run_id: str) -> None:
+        self.cfg = cfg
+        self.run_id = run_id
+        self.store = FeatureStore(cfg.output)
+        self.ledger = Ledger(cfg.output)
+        self.stages = load_stages(cfg)
+        self.fingerprints = {s.name: s.fingerprint() for s in self.stages}
+        self.rows: list[LedgerRow] = []
+        self.report = BatchReport()
+        self._attempts: dict[tuple[str, str, str], int] | None = None
+
+    # -- ledger -------------------------------------------------------------------------
+    def _attempt(self, video_id: str, stage: str, key: str) -> int:
+        if self._attempts is None:  # read the ledger only when something failed
+            self._attempts = self.ledger.error_attempts()
+        return self._attempts.get((video_id, stage, key), 0) + 1
+
+    def _log(self, video_id: str, stage: str, key: str, status: str, seconds: float = 0.0,
+             error: UsvError | None = None) -> None:
+        attempt = self._attempt(video_id, stage, key) if error else 1
+        self.rows.append(LedgerRow(
+            self.run_id, video_id, stage, key, status,
+            error.kind.value if error else "", error.message if error else "", attempt, seconds,
+        ))
+        self.report.add(stage, f"error:{error.kind.value}" if error else status)
+
+    def _flush(self) -> None:
+        self.ledger.append(self.rows)
+        self.rows = []
+
+    # -- plan -----------------------------------------------------------------------------
+    def plan(self, rows: Sequence[ManifestRow]) -> list[_Item]:
+        for s in self.stages:
+            self.store.record_stage(s.name, self.fingerprints[s.name], s.provenance())
+        present = {s.name: self.store.present(s.name, self.fingerprints[s.name]) for s in self.stages}
+        ingestor = Ingestor(self.cfg.output, media_cache(self.cfg), self.cfg.ingest)
+        items = []
+        for row in rows:
+            t0 = time.perf_counter()
+            try:
+                ingested = ingestor.identify(row)
+            except UsvError as err:
+                self._log(row.video_id, INGEST, "", "error", time.perf_counter() - t0, err)
+                continue
+            self._log(row.video_id, INGEST, ingested.content_hash, "cached" if ingested.reused else "ok",
+                      time.perf_counter() - t0)
+            keys = stage_keys(self.stages, ingested.content_hash, row)
+            pending = []
+            for s in self.stages:
+                if f"{row.video_id}-{keys[s.name]}.parquet" in present[s.name]:
+                    self._log(row.video_id, s.name, keys[s.name], "cached")
+                else:
+                    pending.append(s.name)
+            if pending:
+                items.append(_Item(row, ingested, keys, pending))
+        self._ingestor = ingestor
+        return items
+
+    # -- decode ---------------------------------------------------------------------------
+    def _needs(self, item: _Item) -> set[str]:
+        by_name = {s.name: s for s in self.stages}
+        return {need for name in item.pending for need in by_name[name].needs}
+
+    def decode(self, chunk: list[_Item], scratch: Path) -> list[_Item]:
+        d = self.cfg.decode
+        for item in chunk:
+            needs = self._needs(item)
+            meta = item.ingested.probe
+            video = Video(item.row, item.ingested.content_hash, meta, audio_rate=d.audio_rate)
+            try:
+                path = self._ingestor.localize(item.ingested)
+            except UsvError as err:
+                item.decode_errors = {"frames": err, "audio": err}
+                item.video = video
+                continue
+            if "frames" in needs:
+                size = working_size(meta.width, meta.height, d.short_side, d.max_long_side)
+                try:
+                    video.frames, video.frame_times = decode_frames(
+                        path, meta, d.fps, size, scratch / f"{item.row.video_id}.rgb", d.max_seconds, d.timeout_s)
+                except UsvError as err:
+                    item.decode_errors["frames"] = err
+            if "audio" in needs:
+                if not meta.has_audio:
+                    item.decode_errors["audio"] = UsvError(ErrorKind.NO_AUDIO, "the video has no audio track")
+                else:
+                    try:
+                        video.audio = decode_audio(path, d.audio_rate, d.max_seconds, d.timeout_s)
+                    except UsvError as err:
+                        item.decode_errors["audio"] = err
+            item.video = video
+        return chunk
+
+    # -- run ------------------------------------------------------------------------------
+    def _ready(self, item: _Item, stage: Extractor[Any]) -> UsvError | None:
+        """Why `item` cannot feed `stage`, or None."""
+        for dep in stage.requires:
+            if dep in item.failed:
+                return UsvError(ErrorKind.UPSTREAM, f"needs '{dep}', which failed: {item.failed[dep].kind.value}")
+        for need in stage.needs:
+            if need in item.decode_errors:
+                return item.decode_errors[need]
+        return None
+
+    def _upstream(self, item: _Item, stage: Extractor[Any]) -> dict[str, Members]:
+        out = {}
+        for dep in stage.requires:
+            if dep not in item.produced:
+                item.produced[dep] = self.store.read(dep, self.fingerprints[dep], item.row.video_id, item.keys[dep])
+            out[dep] = item.produced[dep]
+        return out
+
+    def _call(self, stage: Extractor[Any], videos: list[Video]) -> list[Members | UsvError]:
+        """Run a batch; if the batch call itself fails, isolate the culprit video by video."""
+        with _RUN_LOCKS[id(stage)]:
+            stage.ensure_setup()
+            try:
+                results = stage.process(videos)
+                if len(results) != len(videos):
+                    raise RuntimeError(f"stage {stage.name} returned {len(results)} results for {len(videos)} videos")
+                return results
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a ledger row
+                if len(videos) == 1:
+                    return [_error_of(exc)]
+            out: list[Members | UsvError] = []
+            for v in videos:
+                try:
+                    out.extend(stage.process([v]))
+                except Exception as exc:  # noqa: BLE001
+                    out.append(_error_of(exc))
+            return out
+
+    def run_stages(self, chunk: list[_Item]) -> None:
+        for stage in self.stages:
+            todo: list[_Item] = []
+            for item in chunk:
+                if stage.name not in item.pending:
+                    continue
+                why = self._ready(item, stage)
+                if why is not None:
+                    item.failed[stage.name] = why
+                    self._log(item.row.video_id, stage.name, item.keys[stage.name], "error", error=why)
+                    continue
+                assert item.video is not None
+                item.video.upstream = self._upstream(item, stage)
+                todo.append(item)
+            for start in range(0, len(todo), stage.batch_size):
+                part = todo[start:start + stage.batch_size]
+                t0 = time.perf_counter()
+                results = self._call(stage, [i.video for i in part if i.video is not None])
+                each = (time.perf_counter() - t0) / max(1, len(part))
+                for item, result in zip(part, results, strict=True):
+                    vid, key = item.row.video_id, item.keys[stage.name]
+                    if isinstance(result, UsvError):
+                        item.failed[stage.name] = result
+                        self._log(vid, stage.name, key, "error", each, result)
+                        continue
+                    self.store.write(stage.name, self.fingerprints[stage.name], vid, key,
+                                     item.ingested.content_hash, result)
+                    item.produced[stage.name] = result
+                    self._log(vid, stage.name, key, "ok", each)
+
+    def run(self, rows: Sequence[ManifestRow]) -> BatchReport:
+        t0 = time.perf_counter()
+        self.report.videos = len(rows)
+        items = self.plan(rows)
+        self._flush()
+        chunks = [items[i:i + self.cfg.decode_chunk] for i in range(0, len(items), self.cfg.decode_chunk)]
+        with tempfile.TemporaryDirectory(prefix="usv-decode-") as tmp, ThreadPoolExecutor(1) as pool:
+            for chunk in _prefetched(chunks, lambda c: self.decode(c, Path(tmp)), pool):
+                self.run_stages(chunk)
+                self._flush()
+                for item in chunk:  # drop arrays, memmaps and downloads before the next chunk
+                    item.video = None
+                    (Path(tmp) / f"{item.row.video_id}.rgb").unlink(missing_ok=True)
+                    self._ingestor.forget_media(item.ingested)
+        self.report.seconds = time.perf_counter() - t0
+        return self.report
+
+
+def _prefetched(chunks: list[list[_Item]], decode: Any, pool: ThreadPoolExecutor) -> Iterator[list[_Item]]:
+    """Yield decoded chunks while the next one decodes on the pool's thread."""
+    future: Future[list[_Item]] | None = pool.submit(decode, chunks[0]) if chunks else None
+    for i in range(len(chunks)):
+        assert future is not None
+        current = future.result()
+        future = pool.submit(decode, chunks[i + 1]) if i + 1 < len(chunks) else None
+        yield current
+
+
+def process_batch(rows: Sequence[ManifestRow], cfg: BuildConfig, run_id: str) -> BatchReport:
+    return BatchRunner(cfg, run_id).run(rows)
+
+
+def summarize(reports: Sequence[BatchReport]) -> dict[str, dict[str, int]]:
+    total: dict[str, Counter[str]] = {}
+    for r in reports:
+        for stage, counts in r.counts.items():
+            total.setdefault(stage, Counter()).update(counts)
+    return {s: dict(c) for s, c in total.items()}
+
