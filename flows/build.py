@@ -113,6 +113,8 @@ def build_usv(
         raise ConfigError("no manifest given: pass manifest=… or set it in the config file")
     log = get_run_logger()
     t0 = time.time()
+    for stage in load_stages(cfg):  # preflight: missing weights or bad settings stop the run here
+        stage.fingerprint()
     with RootLock(cfg.output):
         loaded = load_manifest(cfg.manifest)
         for dup in loaded.duplicates:
