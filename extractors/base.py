@@ -164,11 +164,11 @@ def order_stages(names: Sequence[str]) -> list[str]:
         if name in out:
             return
         if name in path:
-            raise ConfigError(f"stage requirements form a cycle: {' -> '.join(path + (name,))}")
+            raise ConfigError(f"stage requirements form a cycle: {' -> '.join((*path, name))}")
         if name not in stages:
             raise ConfigError(f"unknown stage {name!r}; known stages: {', '.join(sorted(stages))}")
         for dep in stages[name].requires:
-            visit(dep, path + (name,))
+            visit(dep, (*path, name))
         out.append(name)
 
     for n in names:

@@ -54,7 +54,7 @@ def _rate(text: str | None) -> float:
 def _rotation(stream: dict) -> int:
     for side in stream.get("side_data_list", []) or []:
         if "rotation" in side:
-            return int(round(float(side["rotation"]))) % 360
+            return round(float(side["rotation"])) % 360
     return int(float(stream.get("tags", {}).get("rotate", 0))) % 360
 
 
@@ -70,7 +70,8 @@ def probe(path: str, timeout_s: float = 60.0) -> Probe:
         raise UsvError(ErrorKind.NOT_A_VIDEO, f"ffprobe cannot read it: {msg[0]}")
     info = json.loads(out.stdout or b"{}")
     streams = info.get("streams", [])
-    video = next((s for s in streams if s.get("codec_type") == "video" and s.get("codec_name") not in IMAGE_CODECS), None)
+    video = next((s for s in streams
+                  if s.get("codec_type") == "video" and s.get("codec_name") not in IMAGE_CODECS), None)
     if video is None:
         raise UsvError(ErrorKind.NOT_A_VIDEO, "no video stream (an image, audio-only or other file)")
     audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
@@ -99,7 +100,7 @@ def probe(path: str, timeout_s: float = 60.0) -> Probe:
 def working_size(width: int, height: int, short_side: int, max_long_side: int) -> tuple[int, int]:
     """Scale down (never up) to fit both limits, keeping the aspect ratio, even sizes."""
     scale = min(1.0, short_side / max(1, min(width, height)), max_long_side / max(1, max(width, height)))
-    return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
 def decode_frames(
@@ -136,7 +137,8 @@ def decode_frames(
     return frames, np.arange(n, dtype=np.float64) / fps
 
 
-def decode_audio(path: str, rate: int = 16000, max_seconds: float | None = None, timeout_s: float = 900.0) -> np.ndarray:
+def decode_audio(path: str, rate: int = 16000, max_seconds: float | None = None,
+                 timeout_s: float = 900.0) -> np.ndarray:
     """The whole track as float32 mono at `rate` Hz."""
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", path]
     if max_seconds:

@@ -127,7 +127,8 @@ def build_usv(
         reports = extract_batches.with_options(task_runner=make_task_runner(cfg))(batches, cfg, run_id)
         packed = pack_shards(cfg, cfg.manifest)
     summary = {
-        "run_id": run_id, "output": cfg.output, "videos": len(rows), "duplicates": [d.video_id for d in loaded.duplicates],
+        "run_id": run_id, "output": cfg.output, "videos": len(rows),
+        "duplicates": [d.video_id for d in loaded.duplicates],
         "counts": summarize(reports), "samples": packed.samples, "total_samples": packed.total,
         "missing": packed.missing, "shards": packed.shards, "seconds": time.time() - t0,
     }

@@ -22,6 +22,7 @@ from typing import Any
 
 from extractors.base import Extractor, Members, Video, make_stage, order_stages
 from extractors.media import decode_audio, decode_frames, working_size
+from flows.isolation import SETUP_TIMEOUT_S, gpu_slot, limit_for, run_isolated, worker_for
 from storage.atomic import is_local
 from storage.cache_keys import stage_keys
 from storage.feature_store import FeatureStore
@@ -205,24 +206,15 @@ class BatchRunner:
         return out
 
     def _call(self, stage: Extractor[Any], videos: list[Video]) -> list[Members | UsvError]:
-        """Run a batch; if the batch call itself fails, isolate the culprit video by video."""
-        with _RUN_LOCKS[id(stage)]:
+        """Run a batch in-process, or in the stage's own worker process when it has a deadline or a
+        memory limit (flows/isolation.py); a GPU stage first takes a slot of the `usv-gpu` limit."""
+        with _RUN_LOCKS[id(stage)], gpu_slot(stage):
+            timeout = limit_for(self.cfg.stage_timeout_s, stage.name)
+            memory = limit_for(self.cfg.stage_memory_gb, stage.name)
+            if timeout or memory:
+                return run_isolated(worker_for(stage, memory), videos, timeout or SETUP_TIMEOUT_S)
             stage.ensure_setup()
-            try:
-                results = stage.process(videos)
-                if len(results) != len(videos):
-                    raise RuntimeError(f"stage {stage.name} returned {len(results)} results for {len(videos)} videos")
-                return results
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a ledger row
-                if len(videos) == 1:
-                    return [_error_of(exc)]
-            out: list[Members | UsvError] = []
-            for v in videos:
-                try:
-                    out.extend(stage.process([v]))
-                except Exception as exc:  # noqa: BLE001
-                    out.append(_error_of(exc))
-            return out
+            return call_isolating(stage, videos)
 
     def run_stages(self, chunk: list[_Item]) -> None:
         for stage in self.stages:
@@ -270,6 +262,25 @@ class BatchRunner:
                     self._ingestor.forget_media(item.ingested)
         self.report.seconds = time.perf_counter() - t0
         return self.report
+
+
+def call_isolating(stage: Extractor[Any], videos: Sequence[Video]) -> list[Members | UsvError]:
+    """Run a batch; if the batch call itself fails, isolate the culprit video by video."""
+    try:
+        results = stage.process(videos)
+        if len(results) != len(videos):
+            raise RuntimeError(f"stage {stage.name} returned {len(results)} results for {len(videos)} videos")
+        return results
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a ledger row
+        if len(videos) == 1:
+            return [_error_of(exc)]
+    out: list[Members | UsvError] = []
+    for v in videos:
+        try:
+            out.extend(stage.process([v]))
+        except Exception as exc:  # noqa: BLE001
+            out.append(_error_of(exc))
+    return out
 
 
 def _prefetched(chunks: list[list[_Item]], decode: Any, pool: ThreadPoolExecutor) -> Iterator[list[_Item]]:

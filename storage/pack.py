@@ -120,16 +120,16 @@ class Packer:
         while i < len(items):
             name = f"{split}-{len(shard_names):06d}.tar"
             count = size = 0
-            with atomic_local_path(join(split_dir, name)) as tmp:
-                with wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as sink:
-                    while i < len(items) and count < self.cfg.shard_max_count and (
-                            count == 0 or size < self.cfg.shard_max_bytes):
-                        sample = self._sample(items[i])
-                        size += sink.write(sample)
-                        self._collect(items[i], sample, tables)
-                        videos[items[i].row.video_id]["shard"] = f"{split}/{name}"
-                        count += 1
-                        i += 1
+            with atomic_local_path(join(split_dir, name)) as tmp, \
+                    wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as sink:
+                while i < len(items) and count < self.cfg.shard_max_count and (
+                        count == 0 or size < self.cfg.shard_max_bytes):
+                    sample = self._sample(items[i])
+                    size += sink.write(sample)
+                    self._collect(items[i], sample, tables)
+                    videos[items[i].row.video_id]["shard"] = f"{split}/{name}"
+                    count += 1
+                    i += 1
             shard_names.append(name)
             sizes[name] = count
         self._remove_stale(split_dir, set(shard_names) | {"sizes.json"})

@@ -42,8 +42,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
     try:
         subprocess.run([str(BIN / "usv"), "deploy", "--port", str(port)], env=env, check=True, cwd=REPO,
                        capture_output=True, timeout=180)
-        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "usv-local", "--limit", "1"],
-                                  env=env, cwd=REPO, stdout=open(home / "worker.log", "wb"), stderr=subprocess.STDOUT)
+        with open(home / "worker.log", "wb") as log:
+            worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "usv-local", "--limit", "1"],
+                                      env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         yield env
     finally:
         if worker:

@@ -66,6 +66,12 @@ class BuildConfig(_Strict):
     workers: int = Field(2, ge=1, description="batches run at once")
     task_runner: str = Field("threads", description="threads | processes | dask | ray")
     task_runner_address: str | None = None
+    stage_timeout_s: dict[str, float] = Field(
+        default_factory=dict, description="seconds per video for a stage ('*': every stage); such a stage runs in "
+        "its own worker process, killed at the deadline, and the video is recorded as `timeout`")
+    stage_memory_gb: dict[str, float] = Field(
+        default_factory=dict, description="address-space limit of a stage's worker process ('*': every stage); "
+        "a video that exceeds it is recorded as `oom`")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
