@@ -187,7 +187,7 @@ class Packer:
                 strict=True):
             if status == "error" and vid in videos:
                 videos[vid]["errors"] = sorted({*videos[vid].get("errors", []), f"{stage}:{kind}"})
-                videos[vid].setdefault("first_error", msg)
+                videos[vid]["first_error"] = videos[vid].get("first_error") or msg
 
     def _write_table(self, name: str, rows: list[dict[str, Any]]) -> None:
         buf = io.BytesIO()
