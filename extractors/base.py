@@ -68,11 +68,15 @@ class Extractor(ABC, Generic[C]):
     Config: ClassVar[type[StageConfig]] = StageConfig
     needs: ClassVar[frozenset[Need]] = frozenset({"probe"})
     requires: ClassVar[tuple[str, ...]] = ()
+    # Those of `requires` the content may lack (e.g. asr of a video without audio): when one
+    # fails as absent (ABSENT_INPUT), this stage still runs and `video.upstream` lacks it.
+    optional_requires: ClassVar[tuple[str, ...]] = ()
     resources: ClassVar[Resources] = Resources()
     batch_size: ClassVar[int] = 8
 
-    def __init__(self, config: C) -> None:
+    def __init__(self, config: C, decode: dict[str, Any] | None = None) -> None:
         self.config = config
+        self.decode = decode or {}  # the decode settings of the inputs in `needs`: they shape the output
         self._ready = False
 
     def setup(self) -> None:
@@ -92,8 +96,11 @@ class Extractor(ABC, Generic[C]):
 
     def provenance(self) -> dict[str, Any]:
         """What made this stage's outputs; extend to flag e.g. random weights."""
-        return {"stage": self.name, "version": self.version, "config": self.config.model_dump(mode="json"),
+        prov = {"stage": self.name, "version": self.version, "config": self.config.model_dump(mode="json"),
                 "weights": self.weights_id()}
+        if self.decode:
+            prov["decode"] = self.decode
+        return prov
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.provenance(), sort_keys=True, default=str)
@@ -120,6 +127,8 @@ def register(cls: _E) -> _E:
     """Class decorator: make a stage available by its name."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"two stages named {cls.name!r}")
+    if not set(cls.optional_requires) <= set(cls.requires):
+        raise ValueError(f"stage {cls.name!r}: optional_requires must be a subset of requires")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -143,7 +152,8 @@ def registry() -> dict[str, type[Extractor[Any]]]:
     return dict(_REGISTRY)
 
 
-def make_stage(name: str, settings: dict[str, Any] | None = None) -> Extractor[Any]:
+def make_stage(name: str, settings: dict[str, Any] | None = None,
+               decode: dict[str, Any] | None = None) -> Extractor[Any]:
     stages = registry()
     if name not in stages:
         raise ConfigError(f"unknown stage {name!r}; known stages: {', '.join(sorted(stages))}")
@@ -152,7 +162,7 @@ def make_stage(name: str, settings: dict[str, Any] | None = None) -> Extractor[A
         config = cls.Config.model_validate(settings or {})
     except ValueError as exc:
         raise ConfigError(f"bad settings for stage {name!r}: {exc}") from exc
-    return cls(config)
+    return cls(config, {k: v for k, v in (decode or {}).items() if k in cls.needs})
 
 
 def order_stages(names: Sequence[str]) -> list[str]:

@@ -3,7 +3,8 @@
 Frames are streamed out of ffmpeg one at a time into a memory-mapped scratch file, already
 scaled to a working size, so a 4K or hour-long video costs disk, not RAM. ffmpeg's default
 autorotation applies the rotation in the stream's display matrix, and its `fps` filter turns
-variable frame rate into frames at fixed times `n / fps`.
+variable frame rate into frames at fixed times `n / fps` (`round=up` picks the frame shown at
+that time; the default `near` would take one up to half an interval later).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from usv.errors import ErrorKind, UsvError
 
+DECODE_VERSION = "2"  # bump when decoded frames or audio change for the same settings
 IMAGE_CODECS = {"mjpeg", "png", "bmp", "gif", "webp", "tiff", "jpeg2000"}
 
 
@@ -112,7 +114,8 @@ def decode_frames(
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-threads", "2", "-i", path]
     if max_seconds:
         cmd += ["-t", str(max_seconds)]
-    cmd += ["-an", "-vf", f"fps={fps},scale={w}:{h}:flags=area", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
+    cmd += ["-an", "-vf", f"fps={fps}:round=up,scale={w}:{h}:flags=area",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
     frame_bytes = w * h * 3
     scratch.parent.mkdir(parents=True, exist_ok=True)
     n = 0

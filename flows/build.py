@@ -87,13 +87,16 @@ def pack_shards(cfg: BuildConfig, manifest_url: str) -> PackReport:
 
 
 def _publish(summary: dict[str, Any]) -> None:
-    rows = [{"stage": stage, **counts} for stage, counts in summary["counts"].items()]
-    create_table_artifact(rows, key="build-ledger", description="per-stage outcomes of this build")
+    from usv.ops import status_summary, status_table
+    from usv.report import summarize, summary_markdown
+
+    create_table_artifact(status_table(status_summary(summary["output"])), key="build-ledger",
+                          description="per stage: this build's ok/cached/errors, and what is done, failed, pending")
     splits = ", ".join(f"{s}: {n}" for s, n in summary["samples"].items())
     create_markdown_artifact(
         f"# build {summary['run_id']}\n\n- output: `{summary['output']}`\n- videos in manifest: {summary['videos']}\n"
         f"- samples in shards: {summary['total_samples']} ({splits})\n- without a sample: {len(summary['missing'])}\n"
-        f"- seconds: {summary['seconds']:.1f}\n", key="build-summary")
+        f"- seconds: {summary['seconds']:.1f}\n\n{summary_markdown(summarize(summary['output']))}", key="build-summary")
 
 
 @flow(name="build-usv", log_prints=True)

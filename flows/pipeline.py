@@ -33,6 +33,10 @@ from usv.config import BuildConfig
 from usv.errors import ErrorKind, UsvError
 
 INGEST = "ingest"
+# Upstream failures that say the content lacks an input, not that a stage broke: a stage that
+# lists the upstream in `optional_requires` runs without it (a transient failure still blocks,
+# so the downstream output is never cached without an input it would later have had).
+ABSENT_INPUT = frozenset({ErrorKind.NO_AUDIO})
 
 _STAGES: dict[str, Extractor[Any]] = {}
 _STAGES_LOCK = threading.Lock()
@@ -45,9 +49,10 @@ def load_stages(cfg: BuildConfig, names: Sequence[str] | None = None) -> list[Ex
     with _STAGES_LOCK:
         for name in order_stages(names or cfg.stages):
             settings = cfg.stage_config.get(name, {})
-            ident = f"{name}:{json.dumps(settings, sort_keys=True)}"
+            decode = cfg.decode.signature()
+            ident = f"{name}:{json.dumps([settings, decode], sort_keys=True)}"
             if ident not in _STAGES:
-                _STAGES[ident] = make_stage(name, settings)
+                _STAGES[ident] = make_stage(name, settings, decode)
                 _RUN_LOCKS[id(_STAGES[ident])] = threading.Lock()
             out.append(_STAGES[ident])
     return out
@@ -188,18 +193,21 @@ class BatchRunner:
 
     # -- run ------------------------------------------------------------------------------
     def _ready(self, item: _Item, stage: Extractor[Any]) -> UsvError | None:
-        """Why `item` cannot feed `stage`, or None."""
-        for dep in stage.requires:
-            if dep in item.failed:
-                return UsvError(ErrorKind.UPSTREAM, f"needs '{dep}', which failed: {item.failed[dep].kind.value}")
+        """Why `item` cannot feed `stage`, or None (its own missing input first: `no_audio` says more
+        than "upstream failed" when the upstream failed for the same reason)."""
         for need in stage.needs:
             if need in item.decode_errors:
                 return item.decode_errors[need]
+        for dep in stage.requires:
+            if dep in item.failed and not (dep in stage.optional_requires and item.failed[dep].kind in ABSENT_INPUT):
+                return UsvError(ErrorKind.UPSTREAM, f"needs '{dep}', which failed: {item.failed[dep].kind.value}")
         return None
 
     def _upstream(self, item: _Item, stage: Extractor[Any]) -> dict[str, Members]:
         out = {}
         for dep in stage.requires:
+            if dep in item.failed:  # only an absent optional input gets here (see `_ready`)
+                continue
             if dep not in item.produced:
                 item.produced[dep] = self.store.read(dep, self.fingerprints[dep], item.row.video_id, item.keys[dep])
             out[dep] = item.produced[dep]

@@ -73,6 +73,21 @@ def atomic_local_path(url: str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> Any:
+    fs, path = filesystem(url)
+    return fs.open(path, mode, block_size=max(bufsize, 1 << 22))
+
+
+def webdataset_urls() -> None:
+    """Let webdataset open every fsspec URL it has no handler of its own for (s3://, az://, …):
+    webdataset 1.0 knows only files, pipes and curl/gsutil-style schemes."""
+    from webdataset.gopen import gopen_schemes
+
+    for proto in fsspec.available_protocols():
+        if proto not in gopen_schemes and proto not in ("file", "local"):
+            gopen_schemes[proto] = _gopen_fsspec
+
+
 def write_json(url: str, obj: Any) -> None:
     write_bytes(url, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 

@@ -5,6 +5,9 @@ thread. It is stale, and may be taken over, when its holder's process is gone on
 its heartbeat is older than `stale_after_s` (a holder on another machine that died).
 Local roots create the file with O_EXCL; object stores have no exclusive create, so there the
 lock is advisory (checked, then written), which is documented in deploy/README.md.
+
+Taking over a stale lock also sweeps the dead holder's temp files (`.tmp-*`, never read as
+data, see storage/atomic.py): nobody else can be writing them while we hold the root.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from storage.atomic import filesystem, is_local, join, read_json, remove, write_json
+from storage.atomic import TMP_PREFIX, filesystem, is_local, join, read_json, remove, write_json
 
 LOCK_NAME = ".usv.lock"
 
@@ -36,6 +39,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def sweep_partials(root: str) -> int:
+    """Delete temp files a killed writer left under a local root; object stores have none
+    (a PUT is whole, and local staging files live in TMPDIR). Returns how many were removed."""
+    if not is_local(root):
+        return 0
+    removed = 0
+    for folder, _dirs, files in os.walk(filesystem(root)[1]):
+        for name in files:
+            if name.startswith(TMP_PREFIX):
+                Path(folder, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 class RootLock:
     """Context manager: `with RootLock(root): ...` refuses a second writer on `root`."""
 
@@ -46,6 +63,7 @@ class RootLock:
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.swept = 0  # temp files of a crashed holder removed on takeover
 
     def _record(self) -> dict[str, object]:
         return {**self.me, "heartbeat": time.time()}
@@ -89,6 +107,7 @@ class RootLock:
             remove(self.url)  # stale: its holder crashed
             if not self._try_create():
                 raise LockedError(f"lost the race for {self.url} to another build")
+            self.swept = sweep_partials(self.url.rsplit("/", 1)[0])
         self._thread = threading.Thread(target=self._beat, daemon=True, name="usv-lock-heartbeat")
         self._thread.start()
 

@@ -137,23 +137,6 @@ def worker(port: int = prefect_env.DEFAULT_PORT, pool: str = "usv-local", limit:
     os.execve(prefect, [prefect, "worker", "start", "--pool", pool, "--limit", str(limit)], env)
 
 
-@app.command()
-def status(
-    output: Annotated[str, typer.Argument(help="output root")] = "data/out",
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """Per stage: the latest outcome of every video, counted by status and error type."""
-    from storage.ledger import Ledger
-
-    latest = Ledger(str(Path(output).resolve()) if "://" not in output else output).latest()
-    counts: dict[str, dict[str, int]] = {}
-    for stage, st, kind in zip(*(latest[c].to_pylist() for c in ("stage", "status", "error_kind")), strict=True):
-        label = f"error:{kind}" if st == "error" else st
-        counts.setdefault(stage, {}).setdefault(label, 0)
-        counts[stage][label] += 1
-    _print(counts, as_json)
-
-
 # Commands that live beside their concept: each module defines `register(app)`.
 EXTENSIONS = ("training.cli", "usv.ops", "usv.report", "usv.inspect", "usv.doctor")
 

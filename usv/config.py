@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from usv.errors import ConfigError
 
-DEFAULT_STAGES = ["meta", "mel", "frames"]
+DEFAULT_STAGES = ["meta", "mel", "frames", "ocr", "diarize", "asr", "clip", "text"]
 
 
 class _Strict(BaseModel):
@@ -35,6 +35,16 @@ class DecodeConfig(_Strict):
     audio_rate: int = 16000
     max_seconds: float | None = Field(None, description="decode at most this much of each video")
     timeout_s: float = Field(900.0, gt=0)
+
+    def signature(self) -> dict[str, dict[str, Any]]:
+        """What shapes each decoded input: it joins the fingerprint of the stages that use it."""
+        from extractors.media import DECODE_VERSION
+
+        return {
+            "frames": {"fps": self.fps, "short_side": self.short_side, "max_long_side": self.max_long_side,
+                       "max_seconds": self.max_seconds, "version": DECODE_VERSION},
+            "audio": {"rate": self.audio_rate, "max_seconds": self.max_seconds, "version": DECODE_VERSION},
+        }
 
 
 class PackConfig(_Strict):
@@ -70,8 +80,8 @@ class BuildConfig(_Strict):
         default_factory=dict, description="seconds per video for a stage ('*': every stage); such a stage runs in "
         "its own worker process, killed at the deadline, and the video is recorded as `timeout`")
     stage_memory_gb: dict[str, float] = Field(
-        default_factory=dict, description="address-space limit of a stage's worker process ('*': every stage); "
-        "a video that exceeds it is recorded as `oom`")
+        default_factory=dict, description="address space a stage's worker process may add on top of its loaded "
+        "models ('*': every stage; Linux); a video that exceeds it is recorded as `oom`")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
