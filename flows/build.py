@@ -30,6 +30,7 @@ from storage.manifest import ManifestRow, load_manifest
 from storage.pack import Packer, PackReport
 from usv.config import BuildConfig
 from usv.errors import ConfigError
+from usv.progress import track
 
 
 def resolve_config(config_file: str | None = None, **overrides: Any) -> BuildConfig:
@@ -75,7 +76,7 @@ def extract_batches(batches: list[list[ManifestRow]], cfg: BuildConfig, run_id: 
     progress = create_progress_artifact(0.0, key="build-progress", description="batches done (%)")
     futures = [process_batch_task.submit(b, cfg, run_id) for b in batches]
     reports = []
-    for i, fut in enumerate(futures, start=1):
+    for i, fut in enumerate(track(futures, "batches"), start=1):
         reports.append(fut.result())
         update_progress_artifact(progress, 100.0 * i / len(futures))
     return reports

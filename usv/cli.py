@@ -66,8 +66,12 @@ def build(
     task_runner: Annotated[str | None, typer.Option(help="threads | processes | dask | ray")] = None,
     config: Annotated[str | None, typer.Option(help="YAML BuildConfig; options override it")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar, only warnings from Prefect")] = False,
 ) -> None:
-    """Run the build-usv flow in this process (no server needed)."""
+    """Run the build-usv flow in this process (no server needed); a progress bar with ETA on a terminal."""
+    if quiet or as_json:
+        os.environ["USV_QUIET"] = "1"
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     _local_prefect()
     from flows.build import build_usv
 

@@ -1,11 +1,13 @@
 """Progress bars with ETA for long commands, on stderr so stdout stays clean for `--json`.
 
-`--quiet` (or a stderr that is not a terminal, e.g. CI logs) turns them off: scripts read the
+`--quiet` (or USV_QUIET=1, or a stderr that is not a terminal, e.g. CI logs or a Prefect
+worker) turns them off: scripts read the
 command's output, not its animation.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -21,7 +23,8 @@ def _progress(quiet: bool) -> Progress:
     console = Console(stderr=True)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=console, transient=True, disable=quiet or not sys.stderr.isatty())
+                    console=console, transient=True,
+                    disable=quiet or bool(os.environ.get("USV_QUIET")) or not sys.stderr.isatty())
 
 
 @contextmanager
