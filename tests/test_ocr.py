@@ -146,7 +146,7 @@ def test_real_clip_bigbuckbunny(bigbuckbunny: Path, tmp_path: Path) -> None:
     manifest.write_text(f"video_id,source,title,topic\nbbb,{bigbuckbunny},Big Buck Bunny,animation\n")
     docs = run_ocr(manifest, tmp_path / "out")
     doc = json.loads(docs["bbb"])
-    assert len(doc["frames"]) == 5 and isinstance(doc["subtitle"], str)
+    assert len(doc["frames"]) == 6 and isinstance(doc["subtitle"], str)  # 1 fps over 5.31 s: t = 0 … 5
     assert doc["subtitle"] == "\n".join(ln["text"] for ln in doc["subtitle_lines"])
     for f in doc["frames"]:
         for ln in f["lines"]:  # boxes in the source's 1280×720 pixels, confident lines only

@@ -176,7 +176,10 @@ def train_stream(split: Split, transform: Transform, cfg: DataConfig, *, seed: i
     if resampled:
         pipeline = pipeline.with_epoch(nbatches=steps)
     if cfg.num_workers:
-        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.num_workers, persistent_workers=False)
+        # forkserver, not fork: a fork of a process whose thread pools (OpenMP, ONNX Runtime, Prefect's
+        # services) are already running can leave a worker broken; forkserver children start clean.
+        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.num_workers, persistent_workers=False,
+                               multiprocessing_context="forkserver")
         return iter(loader), steps
     return iter(pipeline), steps
 

@@ -10,6 +10,7 @@ A branch whose member was not packed is skipped with a message that says how to 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -52,22 +53,23 @@ class Inputs:
         self.index = {c: i for i, c in enumerate(classes or [])}
 
     def transform(self, train: bool) -> Transform:
-        def apply(sample: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any] | None:
-            rng = rng if train else None
-            out: dict[str, Any] = {}
-            if self.index:
-                topic = (load_member(sample, "meta.json") or {}).get("topic")
-                if topic not in self.index:
-                    return None  # a topic unseen in training cannot be scored
-                out["label"] = np.int64(self.index[topic])
-            for name in self.names:
-                value = getattr(self, f"_{name}")(sample, rng)
-                if value is None:
-                    return None
-                out[name] = value
-            return out
+        """`apply` for training (augmented) or test; a partial, so DataLoader workers can pickle it."""
+        return functools.partial(self.apply, train=train)
 
-        return apply
+    def apply(self, sample: dict[str, Any], rng: np.random.Generator | None, train: bool) -> dict[str, Any] | None:
+        rng = rng if train else None
+        out: dict[str, Any] = {}
+        if self.index:
+            topic = (load_member(sample, "meta.json") or {}).get("topic")
+            if topic not in self.index:
+                return None  # a topic unseen in training cannot be scored
+            out["label"] = np.int64(self.index[topic])
+        for name in self.names:
+            value = getattr(self, f"_{name}")(sample, rng)
+            if value is None:
+                return None
+            out[name] = value
+        return out
 
     def _visual(self, sample: dict[str, Any], rng: np.random.Generator | None) -> np.ndarray | None:
         clip = load_member(sample, "clip.npy")
