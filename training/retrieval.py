@@ -154,11 +154,7 @@ def evaluate_retrieval(run_dir: str | Path, shards: str | None = None, split: st
                        device: str = "cpu", write: bool = True) -> dict[str, Any]:
     """Table 6 (R@K, MedR both ways) and Table 7 (zero-shot mca) for every trained modality set."""
     run = Run(Path(run_dir))
-    _, cfg = run.load_config()
-    assert isinstance(cfg, RetrievalConfig)
-    classes: list[str] = run.read_json("classes.json")
-    shard_set = ShardSet.open(shards or cfg.data.shards)
-    eval_split = shard_set.split(split or cfg.data.eval_split)
+    cfg, classes, eval_split = run.for_eval(RetrievalConfig, shards, split)
     dev = torch.device(device)
     class_emb = None
     if cfg.zero_shot:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +26,10 @@ from safetensors.torch import save as st_save
 
 from storage.atomic import write_bytes, write_json
 from training.config import RetrievalConfig, RunConfig, TopicConfig, to_yaml
+from training.data import ShardSet, Split
 from usv.errors import ConfigError
+
+C = TypeVar("C", TopicConfig, RetrievalConfig)
 
 
 class Run:
@@ -52,6 +55,15 @@ class Run:
         task = data.pop("task")
         cls = TopicConfig if task == "topic" else RetrievalConfig
         return task, cls.model_validate(data)
+
+    def for_eval(self, task_config: type[C], shards: str | None, split: str | None) -> tuple[C, list[str], Split]:
+        """The run's config (checked to be `task_config`), its classes and the split to score."""
+        _, cfg = self.load_config()
+        if not isinstance(cfg, task_config):
+            raise ConfigError(f"{self.path} is not a {task_config.__name__} run")
+        classes: list[str] = self.read_json("classes.json")
+        eval_split = ShardSet.open(shards or cfg.data.shards).split(split or cfg.data.eval_split)
+        return cfg, classes, eval_split
 
     def write_json(self, name: str, obj: Any) -> None:
         write_json(str(self.path / name), obj)

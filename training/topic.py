@@ -118,11 +118,7 @@ def evaluate_topic(run_dir: str | Path, shards: str | None = None, split: str | 
                    device: str = "cpu", write: bool = True) -> dict[str, Any]:
     """Score the eval split with every checkpoint of a run: Table 5 (each branch, pair, all) and Table 8."""
     run = Run(Path(run_dir))
-    _, cfg = run.load_config()
-    assert isinstance(cfg, TopicConfig)
-    classes: list[str] = run.read_json("classes.json")
-    shard_set = ShardSet.open(shards or cfg.data.shards)
-    eval_split = shard_set.split(split or cfg.data.eval_split)
+    cfg, classes, eval_split = run.for_eval(TopicConfig, shards, split)
     dev = torch.device(device)
     per_branch: dict[str, dict[str, Any]] = {}
     for branch in run.checkpoints():
