@@ -3,8 +3,15 @@
 Engines: `faster-whisper` (default) with the multilingual *base* CTranslate2 weights assembled
 from their two offline packages (`extractors.weights`), the tiny.en package, or any local
 CTranslate2 folder; `openai-whisper` for users who have `.pt` checkpoints (`whisper.load_model`).
-Silero VAD drops non-speech first (faster-whisper's own `vad_filter`; the same VAD cuts the
-audio into ≤30 s chunks for openai-whisper, which has none).
+Silero VAD drops non-speech first and cuts the speech into ≤30 s windows.
+
+Throughput (issue 6): with faster-whisper the windows of all videos in a batch go through the
+model together — one encoder pass per window, whose output serves both the per-video language
+detection and the decoding, then one batched beam search over all windows. `transcribe()` on
+each file would encode every window twice (language detection, then decoding) and decode one
+window at a time; on 8 s videos the batched path is ≈2× faster with identical transcripts
+(measured on the benchmark corpus). A window's result does not depend on its batch neighbours
+beyond float rounding: each has its own prompt and its own encoder output.
 
 Determinism and hallucination control are settings, not defaults to trust (DESIGN.md): decoding
 runs at temperature 0 only — the default temperature fallback made output change from run to
@@ -50,6 +57,7 @@ class AsrConfig(StageConfig):
                                                      "float16 on CUDA")
     threads: int = Field(2, ge=0, description="CPU threads; 0 lets the engine choose")
     beam_size: int = Field(5, ge=1)
+    batch_windows: int = Field(8, ge=1, description="faster-whisper: 30 s windows encoded and decoded together")
     vad_min_silence_ms: int = Field(500, ge=0)
     no_speech_prob: float = Field(0.6, description="drop a segment above this no-speech probability …")
     logprob_floor: float = Field(-0.5, description="… when its average log-probability is below this")
@@ -156,15 +164,65 @@ class AsrStage(Extractor[AsrConfig]):
         self._model = WhisperModel(str(folder), device=device, compute_type=compute, cpu_threads=self.config.threads)
 
     # -- engines --------------------------------------------------------------------------------
-    def _faster(self, audio: np.ndarray) -> tuple[str | None, float | None, list[dict[str, Any]]]:
+    def _faster(self, audios: Sequence[np.ndarray]) -> list[tuple[str | None, float | None, list[dict[str, Any]]]]:
+        """Every track's speech windows through faster-whisper's model in batches (module docstring)."""
+        from faster_whisper.vad import SpeechTimestampsMap, VadOptions, collect_chunks, get_speech_timestamps
+
         c = self.config
-        segments, info = self._model.transcribe(
-            audio, language=c.language, beam_size=c.beam_size, temperature=0.0, condition_on_previous_text=False,
-            vad_filter=True, vad_parameters={"min_silence_duration_ms": c.vad_min_silence_ms},
-            no_speech_threshold=c.no_speech_prob, log_prob_threshold=c.logprob_floor,
-            compression_ratio_threshold=c.max_compression)
-        segs = [_segment(s.start, s.end, s.text, s.avg_logprob, s.no_speech_prob) for s in segments]
-        return info.language, float(info.language_probability), segs
+        vad = VadOptions(min_silence_duration_ms=c.vad_min_silence_ms, max_speech_duration_s=CHUNK_S)
+        windows: list[tuple[int, np.ndarray, dict[str, Any]]] = []  # (track, speech audio, chunk metadata)
+        maps: dict[int, SpeechTimestampsMap] = {}
+        for i, audio in enumerate(audios):
+            stamps = get_speech_timestamps(audio, vad)
+            if stamps:
+                maps[i] = SpeechTimestampsMap(stamps, 16000)
+                chunks, metas = collect_chunks(audio, stamps, max_duration=CHUNK_S)
+                windows += [(i, chunk, meta) for chunk, meta in zip(chunks, metas, strict=True) if chunk.size]
+        language: dict[int, tuple[str, float | None]] = {}
+        segments: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(audios))}
+        for start in range(0, len(windows), c.batch_windows):
+            part = windows[start:start + c.batch_windows]
+            for (i, _, meta), tokenizer, result in zip(part, *self._decode_windows(part, language), strict=True):
+                segments[i] += self._window_segments(tokenizer, result, meta, maps[i])
+        return [(*language.get(i, (None, None)), segments[i]) for i in range(len(audios))]
+
+    def _decode_windows(self, part: list[tuple[int, np.ndarray, dict[str, Any]]],
+                        language: dict[int, tuple[str, float | None]]) -> tuple[list[Any], list[Any]]:
+        """One encoder pass and one batched beam search over `part`; fills `language` (a track's
+        language is detected on its first window, as `transcribe()` does)."""
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        model, c = self._model, self.config
+        features = np.stack([pad_or_trim(model.feature_extractor(chunk)[..., :-1]) for _, chunk, _ in part])
+        encoded = model.encode(features)
+        detected = model.model.detect_language(encoded) if c.language is None else [None] * len(part)
+        tokenizers, prompts = [], []
+        for (i, _, _), probs in zip(part, detected, strict=True):
+            if i not in language:
+                language[i] = (c.language, 1.0) if probs is None else (probs[0][0][2:-2], float(probs[0][1]))
+            tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe",
+                                  language=language[i][0])
+            tokenizers.append(tokenizer)
+            prompts.append(model.get_prompt(tokenizer, [], without_timestamps=False))
+        results = model.model.generate(
+            encoded, prompts, beam_size=c.beam_size, max_length=model.max_length, return_scores=True,
+            return_no_speech_prob=True, suppress_blank=True, max_initial_timestamp_index=50,
+            suppress_tokens=get_suppressed_tokens(tokenizers[0], [-1]))
+        return tokenizers, results
+
+    def _window_segments(self, tokenizer: Any, result: Any, meta: dict[str, Any], times: Any) -> list[dict[str, Any]]:
+        """A window's tokens split at whisper's timestamp tokens, in the track's own time."""
+        model = self._model
+        tokens = result.sequences_ids[0]
+        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)  # length_penalty 1, as transcribe()
+        duration = meta["duration"]
+        pieces, _, _ = model._split_segments_by_timestamps(
+            tokenizer=tokenizer, tokens=tokens, time_offset=meta["offset"], seek=0, segment_duration=duration,
+            segment_size=int(np.ceil(duration) * model.frames_per_second))
+        return [_segment(times.get_original_time(p["start"]), times.get_original_time(p["end"], is_end=True),
+                         tokenizer.decode(p["tokens"]), avg_logprob, result.no_speech_prob) for p in pieces]
 
     def _chunks(self, audio: np.ndarray) -> list[tuple[int, int]]:
         """Silero speech regions, grouped into chunks of at most 30 s (openai-whisper has no VAD)."""
@@ -201,29 +259,39 @@ class AsrStage(Extractor[AsrConfig]):
                               s["no_speech_prob"]) for s in out["segments"]]
         return language, prob, segs
 
-    def transcribe(self, audio: np.ndarray, rate: int = 16000) -> dict[str, Any]:
-        """The asr.json object of one track (speakers not yet assigned)."""
+    def transcribe_many(self, audios: Sequence[np.ndarray], rate: int = 16000) -> list[dict[str, Any]]:
+        """The asr.json objects of several 16 kHz tracks (speakers not yet assigned)."""
         if rate != 16000:
             raise UsvError(ErrorKind.MODEL, f"whisper needs 16 kHz audio, got {rate} Hz (decode.audio_rate)")
         self.ensure_setup()
-        audio = np.ascontiguousarray(audio, dtype=np.float32)
-        engine = self._openai if self.config.engine == "openai-whisper" else self._faster
-        language, prob, segs = engine(audio)
-        segs = guard(segs, self.config)
-        if not segs:
-            language, prob = None, None
-        for s in segs:
-            s["speaker"] = None
-        return {"language": language, "language_probability": None if prob is None else round(prob, 4),
-                "text": " ".join(s["text"] for s in segs), "segments": segs}
+        audios = [np.ascontiguousarray(a, dtype=np.float32) for a in audios]
+        raw = [self._openai(a) for a in audios] if self.config.engine == "openai-whisper" else self._faster(audios)
+        out = []
+        for language, prob, segs in raw:
+            segs = guard(segs, self.config)
+            if not segs:
+                language, prob = None, None
+            for s in segs:
+                s["speaker"] = None
+            out.append({"language": language, "language_probability": None if prob is None else round(prob, 4),
+                        "text": " ".join(s["text"] for s in segs), "segments": segs})
+        return out
+
+    def transcribe(self, audio: np.ndarray, rate: int = 16000) -> dict[str, Any]:
+        """The asr.json object of one track (speakers not yet assigned)."""
+        return self.transcribe_many([audio], rate)[0]
 
     def process(self, videos: Sequence[Video]) -> list[Members | UsvError]:
+        heard = [i for i, v in enumerate(videos) if v.audio is not None and v.audio.size]
+        tracks = [videos[i].audio for i in heard]
+        rate = videos[heard[0]].audio_rate if heard else 16000
+        results = dict(zip(heard, self.transcribe_many(tracks, rate), strict=True)) if heard else {}
         out: list[Members | UsvError] = []
-        for v in videos:
-            if v.audio is None or v.audio.size == 0:
+        for i, v in enumerate(videos):
+            if i not in results:
                 out.append(UsvError(ErrorKind.NO_AUDIO, "the video has no audio track"))
                 continue
-            result = self.transcribe(v.audio, v.audio_rate)
+            result = results[i]
             diar = v.upstream.get("diarize", {}).get("diar.json")
             assign_speakers(result["segments"], json.loads(diar)["turns"] if diar else [])
             out.append({"asr.json": json_bytes(result)})
