@@ -8,6 +8,13 @@ RapidOCR drops spaces and misses watermarks on 30 px text of 360p videos), and a
 whose 64×36 grey thumbnail differs from the last OCR'd one by at most `skip_max_diff` at
 every pixel reuses that frame's lines (static slides cost one OCR call, not one per second).
 Post-processing lives in `extractors.ocr_text`.
+
+Throughput (issue 6): RapidOCR's two ONNX models run on OpenVINO at f32 by default — the same
+files, the same readings as ONNX Runtime (largest output difference ≈1e-7), ≈1.7× faster on
+this CPU. And recognition is skipped where the text region did not change: a detected box
+whose crop matches, pixel for pixel within `reuse_max_diff`, a crop read in the previous
+sampled frame reuses that reading. Subtitles and watermarks stay for seconds, so on moving
+video most recognitions are repeats; detection still runs on every frame.
 """
 
 from __future__ import annotations
@@ -34,6 +41,12 @@ class OcrConfig(StageConfig):
     min_conf: float = Field(0.75, ge=0.0, le=1.0, description="lines read with less confidence are dropped")
     min_chars: int = Field(2, ge=1, description="lines with fewer letters/digits are dropped (noise)")
     rec_batch: int = Field(1, ge=1, description="rapidocr: lines per recognizer call (batches pad to the widest)")
+    runtime: Literal["openvino", "onnxruntime"] = Field("openvino", description="rapidocr: engine running its "
+                                                        "ONNX models (OpenVINO f32: same readings, faster on CPU)")
+    reuse_lines: bool = Field(True, description="a box whose crop matches one read in the previous frame "
+                                                "reuses that reading instead of recognising it again")
+    reuse_max_diff: float = Field(2.0, ge=0.0, description="mean absolute pixel difference (0-255) under which "
+                                                           "two crops of the same size count as the same")
     threads: int | None = Field(None, ge=1, description="rapidocr: ONNX intra-op threads (default 1); "
                                                         "easyocr: torch threads (default: leave as is)")
     languages: list[str] = Field(default_factory=lambda: ["en"], description="easyocr language codes")
@@ -52,7 +65,52 @@ class OcrConfig(StageConfig):
 
 
 class _Backend(Protocol):
+    def new_video(self) -> None: ...
+
     def read(self, rgb: np.ndarray) -> Raw: ...
+
+
+class _OpenVino:
+    """An ONNX model compiled by OpenVINO for the CPU at f32, called like RapidOCR's own session."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import openvino
+
+        model = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                                 "INFERENCE_PRECISION_HINT": "f32"})
+        self.request = model.create_infer_request()
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        return [self.request.infer({0: batch})[0].copy()]
+
+
+class _ReadingMemo:
+    """Wraps RapidOCR's recognizer: a crop matching one read in the previous frame (same size,
+    mean absolute difference ≤ `max_diff`) reuses that reading; the rest are recognised."""
+
+    def __init__(self, recognize: Any, max_diff: float) -> None:
+        self.recognize, self.max_diff = recognize, max_diff
+        self.last: list[tuple[np.ndarray, Any]] = []
+        self.reused = 0
+
+    def forget(self) -> None:
+        self.last = []
+
+    def _seen(self, crop: np.ndarray) -> Any:
+        for old, reading in self.last:
+            if old.shape == crop.shape and float(np.abs(old.astype(np.int16) - crop).mean()) <= self.max_diff:
+                return reading
+        return None
+
+    def __call__(self, crops: list[np.ndarray], return_word_box: bool = False) -> tuple[list[Any], float]:
+        readings = [self._seen(crop) for crop in crops]
+        todo = [i for i, r in enumerate(readings) if r is None]
+        self.reused += len(crops) - len(todo)
+        fresh, elapse = self.recognize([crops[i] for i in todo], return_word_box) if todo else ([], 0.0)
+        for i, reading in zip(todo, fresh, strict=True):
+            readings[i] = reading
+        self.last = list(zip(crops, readings, strict=True))
+        return readings, elapse
 
 
 class _Rapid:
@@ -65,6 +123,13 @@ class _Rapid:
         self.engine = RapidOCR(det_limit_side_len=cfg.short_side, det_limit_type="min", use_cls=False,
                                intra_op_num_threads=threads, inter_op_num_threads=1, text_score=0.0,
                                rec_batch_num=cfg.rec_batch)
+        if cfg.runtime == "openvino":
+            det, rec = self.weight_files()
+            self.engine.text_det.infer = _OpenVino(det, threads)
+            self.engine.text_rec.session = _OpenVino(rec, threads)
+        self.memo = _ReadingMemo(self.engine.text_rec, cfg.reuse_max_diff) if cfg.reuse_lines else None
+        if self.memo is not None:
+            self.engine.text_rec = self.memo
 
     @staticmethod
     def weight_files() -> list[Path]:
@@ -72,6 +137,10 @@ class _Rapid:
 
         models = Path(rapidocr_onnxruntime.__file__).parent / "models"
         return [models / "ch_PP-OCRv4_det_infer.onnx", models / "ch_PP-OCRv4_rec_infer.onnx"]
+
+    def new_video(self) -> None:
+        if self.memo is not None:
+            self.memo.forget()
 
     def read(self, rgb: np.ndarray) -> Raw:
         result, _ = self.engine(np.ascontiguousarray(rgb[..., ::-1]), use_cls=False)
@@ -112,6 +181,9 @@ class _Easy:
     @staticmethod
     def weight_files(cfg: OcrConfig) -> list[Path]:
         return sorted(_easyocr_dir(cfg).glob("*.pth"))
+
+    def new_video(self) -> None:
+        pass
 
     def read(self, rgb: np.ndarray) -> Raw:
         out = self.reader.readtext(np.ascontiguousarray(rgb))
@@ -160,6 +232,7 @@ class OcrStage(Extractor[OcrConfig]):
         assert v.frames is not None and v.frame_times is not None
         c = self.config
         scale = v.probe.width / v.frames.shape[2] if v.probe.width else 1.0
+        self.backend.new_video()
         frames: list[dict[str, Any]] = []
         last_thumb: np.ndarray | None = None
         last_lines: list[dict[str, Any]] = []
