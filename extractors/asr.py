@@ -53,8 +53,8 @@ class AsrConfig(StageConfig):
     models_dir: str | None = Field(None, description="cache for assembled models (default ~/.cache/usv/models)")
     language: str | None = Field(None, description="None detects the language per video")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compute_type: str = Field("default", description="default: float32 on CPU (int8 is not faster here), "
-                                                     "float16 on CUDA")
+    compute_type: str = Field("default", description="default: int8 on CPU (same WER as float32 on LibriVox, "
+                                                     "≈1.2-1.4× faster), float16 on CUDA")
     threads: int = Field(2, ge=0, description="CPU threads; 0 lets the engine choose")
     beam_size: int = Field(5, ge=1)
     batch_windows: int = Field(8, ge=1, description="faster-whisper: 30 s windows encoded and decoded together")
@@ -113,7 +113,7 @@ def _segment(start: float, end: float, text: str, avg_logprob: float, no_speech_
 @register
 class AsrStage(Extractor[AsrConfig]):
     name = "asr"
-    version = "1"
+    version = "2"  # 2: windows batched across videos, int8 on CPU
     Config = AsrConfig
     needs = frozenset({"audio"})
     requires = ("diarize",)
@@ -148,7 +148,7 @@ class AsrStage(Extractor[AsrConfig]):
         device = self._device()
         compute = self.config.compute_type
         if compute == "default":
-            compute = "float16" if device == "cuda" else "float32"
+            compute = "float16" if device == "cuda" else "int8"
         if self.config.engine == "openai-whisper":
             import torch
             import whisper

@@ -186,22 +186,45 @@ def order_stages(names: Sequence[str]) -> list[str]:
     return out
 
 
-_DIGESTS: dict[tuple[tuple[str, int, int], ...], str] = {}
+_DIGESTS: dict[str, str] = {}
+
+
+def _digest_memo() -> Path:
+    from extractors.weights import models_cache
+
+    return models_cache() / "weight-digests.json"
 
 
 def file_digest(paths: Sequence[Path]) -> str:
-    """sha256 over weight files (names and bytes), for `weights_id`; memoised per process."""
+    """sha256 over weight files (names and bytes), for `weights_id`. Hashing ~1 GB of weights took
+    ≈2.5 s of every build's start, so digests are memoised by (path, size, mtime) in the process and
+    in `<models cache>/weight-digests.json` (a changed file has a new size or mtime, and is re-hashed)."""
     files = sorted(Path(p) for p in paths)
-    key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    if key not in _DIGESTS:
+    key = json.dumps([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    memo = _digest_memo()
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
         digest = hashlib.sha256()
         for p in files:
             digest.update(p.name.encode())
             with open(p, "rb") as fh:
                 while chunk := fh.read(1 << 20):
                     digest.update(chunk)
-        _DIGESTS[key] = digest.hexdigest()[:16]
-    return _DIGESTS[key]
+        known[key] = digest.hexdigest()[:16]
+        try:
+            from storage.atomic import write_json
+
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_json(str(memo), known)
+        except OSError:  # a read-only cache only costs the re-hash next time
+            pass
+    _DIGESTS[key] = known[key]
+    return known[key]
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -7,6 +7,7 @@ The task runner is a setting: threads, processes, Dask or Ray, all existing engi
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -23,8 +24,9 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from flows.pipeline import BatchReport, load_stages, process_batch, summarize
+from flows.pipeline import BatchReport, load_stages, process_batch, summarize, warm_up
 from storage.atomic import join, read_json, write_json
+from storage.feature_store import FeatureStore
 from storage.lock import RootLock
 from storage.manifest import ManifestRow, load_manifest
 from storage.pack import Packer, PackReport
@@ -100,6 +102,20 @@ def _publish(summary: dict[str, Any]) -> None:
         f"- seconds: {summary['seconds']:.1f}\n\n{summary_markdown(summarize(summary['output']))}", key="build-summary")
 
 
+def _warm_up_early(cfg: BuildConfig, videos: int) -> threading.Thread | None:
+    """With in-process batches (threads), start loading the models of stages that lack features for
+    some videos while Prefect starts the batches; a build with nothing to do loads nothing."""
+    if cfg.task_runner != "threads":
+        return None
+    store = FeatureStore(cfg.output)
+    stages = [s for s in load_stages(cfg) if len(store.present(s.name, s.fingerprint())) < videos]
+    if not stages:
+        return None
+    thread = threading.Thread(target=warm_up, args=(cfg, stages), name="usv-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 @flow(name="build-usv", log_prints=True)
 def build_usv(
     manifest: str = "",
@@ -126,9 +142,12 @@ def build_usv(
         run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         write_json(join(cfg.output, "state", "build.json"), {"run_id": run_id, "config": cfg.model_dump(mode="json")})
         rows = loaded.rows
+        warmer = _warm_up_early(cfg, len(rows))
         batches = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
         log.info("%d videos in %d batches of ≤%d, stages %s", len(rows), len(batches), cfg.batch_size, cfg.stages)
         reports = extract_batches.with_options(task_runner=make_task_runner(cfg))(batches, cfg, run_id)
+        if warmer is not None:
+            warmer.join()
         packed = pack_shards(cfg, cfg.manifest)
     summary = {
         "run_id": run_id, "output": cfg.output, "videos": len(rows),

@@ -10,13 +10,14 @@ Every outcome becomes a ledger row (decision 3); a failing video never stops the
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from storage.ledger import Ledger, LedgerRow
 from storage.manifest import ManifestRow
 from usv.config import BuildConfig
 from usv.errors import ErrorKind, UsvError
+
+log = logging.getLogger(__name__)
 
 INGEST = "ingest"
 # Upstream failures that say the content lacks an input, not that a stage broke: a stage that
@@ -108,6 +111,7 @@ class BatchRunner:
         self.rows: list[LedgerRow] = []
         self.report = BatchReport()
         self._attempts: dict[tuple[str, str, str], int] | None = None
+        self._log_lock = threading.Lock()
 
     # -- ledger -------------------------------------------------------------------------
     def _attempt(self, video_id: str, stage: str, key: str) -> int:
@@ -117,12 +121,13 @@ class BatchRunner:
 
     def _log(self, video_id: str, stage: str, key: str, status: str, seconds: float = 0.0,
              error: UsvError | None = None) -> None:
-        attempt = self._attempt(video_id, stage, key) if error else 1
-        self.rows.append(LedgerRow(
-            self.run_id, video_id, stage, key, status,
-            error.kind.value if error else "", error.message if error else "", attempt, seconds,
-        ))
-        self.report.add(stage, f"error:{error.kind.value}" if error else status)
+        with self._log_lock:  # stages of one chunk log from their own threads
+            attempt = self._attempt(video_id, stage, key) if error else 1
+            self.rows.append(LedgerRow(
+                self.run_id, video_id, stage, key, status,
+                error.kind.value if error else "", error.message if error else "", attempt, seconds,
+            ))
+            self.report.add(stage, f"error:{error.kind.value}" if error else status)
 
     def _flush(self) -> None:
         self.ledger.append(self.rows)
@@ -217,42 +222,61 @@ class BatchRunner:
         """Run a batch in-process, or in the stage's own worker process when it has a deadline or a
         memory limit (flows/isolation.py); a GPU stage first takes a slot of the `usv-gpu` limit."""
         with _RUN_LOCKS[id(stage)], gpu_slot(stage):
-            timeout = limit_for(self.cfg.stage_timeout_s, stage.name)
-            memory = limit_for(self.cfg.stage_memory_gb, stage.name)
-            if timeout or memory:
+            if isolated(self.cfg, stage):
+                memory = limit_for(self.cfg.stage_memory_gb, stage.name)
+                timeout = limit_for(self.cfg.stage_timeout_s, stage.name)
                 return run_isolated(worker_for(stage, memory), videos, timeout or SETUP_TIMEOUT_S)
             stage.ensure_setup()
             return call_isolating(stage, videos)
 
     def run_stages(self, chunk: list[_Item]) -> None:
-        for stage in self.stages:
-            todo: list[_Item] = []
-            for item in chunk:
-                if stage.name not in item.pending:
+        """Every stage on the chunk, each after the stages it requires; up to `stages_at_once`
+        independent stages run together (their models are native code that leaves the GIL). A stage
+        whose model another batch is using is put off while another ready stage can run."""
+        waiting = list(self.stages)
+        running: dict[Future[None], Extractor[Any]] = {}
+        with ThreadPoolExecutor(self.cfg.stages_at_once, thread_name_prefix="usv-stage") as pool:
+            while waiting or running:
+                names = {s.name for s in waiting} | {s.name for s in running.values()}
+                ready = [s for s in waiting if not names.intersection(s.requires)]
+                if ready and len(running) < self.cfg.stages_at_once:
+                    stage = next((s for s in ready if not _RUN_LOCKS[id(s)].locked()), ready[0])
+                    waiting.remove(stage)
+                    running[pool.submit(self._run_stage, stage, chunk)] = stage
                     continue
-                why = self._ready(item, stage)
-                if why is not None:
-                    item.failed[stage.name] = why
-                    self._log(item.row.video_id, stage.name, item.keys[stage.name], "error", error=why)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    del running[future]
+                    future.result()
+
+    def _run_stage(self, stage: Extractor[Any], chunk: list[_Item]) -> None:
+        todo: list[_Item] = []
+        for item in chunk:
+            if stage.name not in item.pending:
+                continue
+            why = self._ready(item, stage)
+            if why is not None:
+                item.failed[stage.name] = why
+                self._log(item.row.video_id, stage.name, item.keys[stage.name], "error", error=why)
+                continue
+            todo.append(item)
+        for start in range(0, len(todo), stage.batch_size):
+            part = todo[start:start + stage.batch_size]
+            # each stage gets its own view of the video: stages running at once see their own upstream
+            videos = [replace(i.video, upstream=self._upstream(i, stage)) for i in part if i.video is not None]
+            t0 = time.perf_counter()
+            results = self._call(stage, videos)
+            each = (time.perf_counter() - t0) / max(1, len(part))
+            for item, result in zip(part, results, strict=True):
+                vid, key = item.row.video_id, item.keys[stage.name]
+                if isinstance(result, UsvError):
+                    item.failed[stage.name] = result
+                    self._log(vid, stage.name, key, "error", each, result)
                     continue
-                assert item.video is not None
-                item.video.upstream = self._upstream(item, stage)
-                todo.append(item)
-            for start in range(0, len(todo), stage.batch_size):
-                part = todo[start:start + stage.batch_size]
-                t0 = time.perf_counter()
-                results = self._call(stage, [i.video for i in part if i.video is not None])
-                each = (time.perf_counter() - t0) / max(1, len(part))
-                for item, result in zip(part, results, strict=True):
-                    vid, key = item.row.video_id, item.keys[stage.name]
-                    if isinstance(result, UsvError):
-                        item.failed[stage.name] = result
-                        self._log(vid, stage.name, key, "error", each, result)
-                        continue
-                    self.store.write(stage.name, self.fingerprints[stage.name], vid, key,
-                                     item.ingested.content_hash, result)
-                    item.produced[stage.name] = result
-                    self._log(vid, stage.name, key, "ok", each)
+                self.store.write(stage.name, self.fingerprints[stage.name], vid, key,
+                                 item.ingested.content_hash, result)
+                item.produced[stage.name] = result
+                self._log(vid, stage.name, key, "ok", each)
 
     def run(self, rows: Sequence[ManifestRow]) -> BatchReport:
         t0 = time.perf_counter()
@@ -260,7 +284,10 @@ class BatchRunner:
         items = self.plan(rows)
         self._flush()
         chunks = [items[i:i + self.cfg.decode_chunk] for i in range(0, len(items), self.cfg.decode_chunk)]
-        with tempfile.TemporaryDirectory(prefix="usv-decode-") as tmp, ThreadPoolExecutor(1) as pool:
+        with tempfile.TemporaryDirectory(prefix="usv-decode-") as tmp, ThreadPoolExecutor(1) as pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="usv-warm-up") as warm:
+            pending = {name for item in items for name in item.pending}
+            warm.submit(warm_up, self.cfg, [s for s in self.stages if s.name in pending])
             for chunk in _prefetched(chunks, lambda c: self.decode(c, Path(tmp)), pool):
                 self.run_stages(chunk)
                 self._flush()
@@ -270,6 +297,25 @@ class BatchRunner:
                     self._ingestor.forget_media(item.ingested)
         self.report.seconds = time.perf_counter() - t0
         return self.report
+
+
+def isolated(cfg: BuildConfig, stage: Extractor[Any]) -> bool:
+    """Whether the stage runs in its own worker process (it has a deadline or a memory limit)."""
+    return bool(limit_for(cfg.stage_timeout_s, stage.name) or limit_for(cfg.stage_memory_gb, stage.name))
+
+
+def warm_up(cfg: BuildConfig, stages: Sequence[Extractor[Any]]) -> None:
+    """Load the stages' models in order, ahead of their first batch; run on a side thread, so imports
+    and weight loading (≈10 s for the default stages) overlap Prefect's start, decoding and the first
+    stages. A stage that fails to load is left alone: its first batch raises the error again, per video."""
+    for stage in stages:
+        if isolated(cfg, stage):
+            continue
+        with _RUN_LOCKS[id(stage)]:
+            try:
+                stage.ensure_setup()
+            except Exception:  # recorded when the stage runs
+                log.debug("warm-up of %s failed; its batches will report it", stage.name, exc_info=True)
 
 
 def call_isolating(stage: Extractor[Any], videos: Sequence[Video]) -> list[Members | UsvError]:

@@ -24,7 +24,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from extractors.base import Extractor, json_bytes
 from storage.atomic import atomic_local_path, filesystem, join, read_json, write_bytes, write_json
@@ -112,6 +111,8 @@ class Packer:
 
     def _write_split(self, split: str, items: list[_Planned], tables: dict[str, list[dict[str, Any]]],
                      videos: dict[str, dict[str, Any]]) -> list[str]:
+        import webdataset  # imports torch (≈1.5 s): only when shards are written, not at CLI start
+
         items = sorted(items, key=lambda p: stable_fraction(p.row.video_id, self.cfg.seed))
         split_dir = join(self.root, "shards", split)
         shard_names: list[str] = []
@@ -121,7 +122,7 @@ class Packer:
             name = f"{split}-{len(shard_names):06d}.tar"
             count = size = 0
             with atomic_local_path(join(split_dir, name)) as tmp, \
-                    wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as sink:
+                    webdataset.TarWriter(str(tmp), encoder=False, mtime=0.0) as sink:
                 while i < len(items) and count < self.cfg.shard_max_count and (
                         count == 0 or size < self.cfg.shard_max_bytes):
                     sample = self._sample(items[i])
