@@ -277,8 +277,8 @@ def speed_table(a: Measured, a_st: dict[str, float], b: Measured, b_t: dict[str,
         sb = b_t["stages"].get(s, 0.0) + b_t["load"].get(s, 0.0)
         lines.append(f"{s:<14}{sa:>9.1f}{_rtf(sa, duration):>8}{sb:>9.1f}{_rtf(sb, duration):>8}{sb / sa:>7.2f}")
     busy = sum(a_st.get(s, 0.0) for s in MODEL_STAGES)
-    lines.append(f"{'A stages sum':<14}{busy:>9.1f}{_rtf(busy, duration):>8}   (busy time incl. model loads; the "
-                 "2 workers overlap stages,")
+    lines.append(f"{'A stages sum':<14}{busy:>9.1f}{_rtf(busy, duration):>8}   (busy time incl. model loads; "
+                 "stages run side by side,")
     lines.append(f"{'':<31}so this can exceed A's wall)")
     if "_startup" in a_st:
         lines.append(f"A wall = start-up {a_st['_startup']:.1f} s (imports, weight digests, Prefect) + extraction "
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seconds", type=float, default=8.0, help="length of each synthetic video (>= 3)")
     ap.add_argument("--stages", default=",".join(STAGES), help="subset of the full stage set")
     ap.add_argument("--batch-size", type=int, default=None,
-                    help="A's videos per Prefect task; default: the corpus split evenly over the workers")
+                    help="A's videos per Prefect task (default: the pipeline's own, batch_size 16)")
     ap.add_argument("--no-bbb", action="store_true", help="leave Big Buck Bunny out (smoke tests)")
     ap.add_argument("--repeat", type=int, default=1, help="run A and B alternately this often; best of each")
     ap.add_argument("--memory", action="store_true", help="also the memory table at 10/100/1,000 videos (slow)")
@@ -333,10 +333,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"CLIP {model}: seeded random weights saved to {ckpt.name}, loaded by both", flush=True)
     from usv.config import BuildConfig
 
-    workers = BuildConfig().workers
-    extra = {"batch_size": args.batch_size or max(1, -(-n // workers))}
-    print(f"A: usv build --stages {','.join(stages)}, batch_size {extra['batch_size']} x {workers} workers "
-          "(every worker busy, as in a large build)", flush=True)
+    defaults = BuildConfig()
+    extra = {"batch_size": args.batch_size} if args.batch_size else {}
+    print(f"A: usv build --stages {','.join(stages)}, batch_size {extra.get('batch_size', defaults.batch_size)}, "
+          f"{defaults.workers} workers, {defaults.stages_at_once} stages at once (the defaults)", flush=True)
     best_a: tuple[Measured, dict[str, float]] | None = None
     best_b: tuple[Measured, dict[str, Any]] | None = None
     with prefect_server(work, args.cold) as env:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from extractors.base import (
@@ -104,6 +103,7 @@ class ClipStage(Extractor[ClipConfig]):
 
     def setup(self) -> None:
         import open_clip
+        import torch
 
         c = self.config
         if c.threads:
@@ -126,6 +126,7 @@ class ClipStage(Extractor[ClipConfig]):
 
     def embed(self, frames: Sequence[np.ndarray]) -> np.ndarray:
         """Frames (H, W, 3) uint8, any sizes → (N, D) float32 L2-normalised, `batch_frames` at a time."""
+        import torch
         from PIL import Image
 
         out = [np.zeros((0, int(self.model.visual.output_dim)), np.float32)]

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from extractors.base import Extractor, Members, Resources, StageConfig, Video, file_digest, json_bytes, register
+from extractors.weights import package_dir
 from usv.errors import ConfigError, ErrorKind, UsvError
 
 FRAME_S = 0.01  # Resemblyzer's mel hop, also the resolution of the label track
@@ -148,11 +148,8 @@ class DiarizeStage(Extractor[DiarizeConfig]):
             if root.is_dir():
                 return [p for p in root.rglob("*") if p.is_file()]
             return [root] if root.is_file() else []
-        import resemblyzer
-        import silero_vad
-
-        return [Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx",
-                Path(resemblyzer.__file__).parent / "pretrained.pt"]
+        return [package_dir("silero_vad", "diarize") / "data" / "silero_vad.onnx",
+                package_dir("resemblyzer", "diarize") / "pretrained.pt"]
 
     def weights_id(self) -> str:
         files = self._weight_files()
@@ -161,6 +158,8 @@ class DiarizeStage(Extractor[DiarizeConfig]):
         return file_digest(files)
 
     def setup(self) -> None:
+        import torch
+
         torch.set_num_threads(self.config.threads)
         if self.config.backend == "pyannote":
             self._pipeline = load_pyannote(self.config.pipeline, self.config.token_env)
@@ -175,6 +174,7 @@ class DiarizeStage(Extractor[DiarizeConfig]):
 
     # -- offline backend --------------------------------------------------------------------
     def _regions(self, audio: np.ndarray, rate: int) -> list[tuple[float, float]]:
+        import torch
         from silero_vad import get_speech_timestamps
 
         c = self.config
@@ -198,6 +198,8 @@ class DiarizeStage(Extractor[DiarizeConfig]):
         return out
 
     def _embed(self, mels: list[np.ndarray]) -> np.ndarray:
+        import torch
+
         out = []
         with torch.no_grad():
             for i in range(0, len(mels), 64):
@@ -248,6 +250,8 @@ class DiarizeStage(Extractor[DiarizeConfig]):
 
     # -- pyannote backend ---------------------------------------------------------------------
     def _pyannote(self, videos: Sequence[Video]) -> list[Members | UsvError]:
+        import torch
+
         out: list[Members | UsvError] = []
         for v in videos:
             wav = torch.from_numpy(np.asarray(v.audio, dtype=np.float32))[None]

@@ -7,10 +7,9 @@ Defaults from DESIGN.md: 16 kHz, 80 filters, 32 ms window, 16 ms hop, FFT size 1
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
-import torchaudio
 from pydantic import Field
 
 from extractors.base import Extractor, Members, StageConfig, Video, npy_bytes, register
@@ -33,7 +32,9 @@ class MelStage(Extractor[MelConfig]):
     needs = frozenset({"audio"})
     batch_size = 32
 
-    def _transform(self, rate: int) -> torchaudio.transforms.MelSpectrogram:
+    def _transform(self, rate: int) -> Any:
+        import torchaudio
+
         c = self.config
         return torchaudio.transforms.MelSpectrogram(
             sample_rate=rate, n_fft=c.n_fft, win_length=int(rate * c.win_ms / 1000),
@@ -41,6 +42,8 @@ class MelStage(Extractor[MelConfig]):
         )
 
     def process(self, videos: Sequence[Video]) -> list[Members | UsvError]:
+        import torch  # here, not at import: a build's preflight need not wait for torch
+
         out: list[Members | UsvError] = []
         for v in videos:
             if v.audio is None or v.audio.size == 0:

@@ -10,6 +10,7 @@ a half model that a later run would trust — and checks the joined size before 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -30,15 +31,16 @@ def models_cache(root: str | Path | None = None) -> Path:
 
 
 def package_dir(module: str, setting: str) -> Path:
-    """Folder of an installed weight package, or a ConfigError naming the setting and the package."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
+    """Folder of an installed package (found, not imported: importing some of them costs seconds of
+    torch start-up), or a ConfigError naming the setting and the package."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
         dist = module.replace("_", "-")
         raise ConfigError(f"{setting}: the weight package {dist!r} is not installed "
-                          f"(pip install {dist}), or set {setting} to a local model folder") from exc
-    assert mod.__file__ is not None
-    return Path(mod.__file__).resolve().parent
+                          f"(pip install {dist}), or set {setting} to a local model folder")
+    if spec.origin and spec.origin not in ("namespace", "built-in"):
+        return Path(spec.origin).resolve().parent
+    return Path(next(iter(spec.submodule_search_locations or []))).resolve()
 
 
 def _parts() -> list[Path]:
