@@ -45,7 +45,18 @@ class ClipConfig(StageConfig):
     batch_frames: int = Field(32, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="CPU arithmetic; auto: bfloat16 where the CPU has AMX bf16 tiles (≈4× faster "
+                            "ViT-B/32, cosine to float32 ≥ 0.9999), else float32. CUDA runs float32")
     cache_dir: str | None = Field(None, description="open_clip download cache (default ~/.cache/clip and the HF cache)")
+
+
+def _cpu_has_amx() -> bool:
+    """AMX bf16 tiles (Intel Sapphire Rapids and later): where bfloat16 matmuls are several times faster."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def _cached_tag(model: str, tag: str, cache_dir: str | None) -> tuple[Path, dict[str, Any]] | None:
@@ -98,8 +109,15 @@ class ClipStage(Extractor[ClipConfig]):
             return f"random-{self.config.seed}"
         return file_digest([self._checkpoint()[0]])
 
+    def cpu_precision(self) -> str:
+        """The CPU precision "auto" resolves to here (in the fingerprint: bfloat16 output is not float32's)."""
+        if self.config.precision != "auto":
+            return self.config.precision
+        return "bfloat16" if _cpu_has_amx() else "float32"
+
     def provenance(self) -> dict[str, Any]:
-        return {**super().provenance(), "random_weights": self.config.random_weights}
+        return {**super().provenance(), "random_weights": self.config.random_weights,
+                "cpu_precision": self.cpu_precision()}
 
     def setup(self) -> None:
         import open_clip
@@ -121,7 +139,9 @@ class ClipStage(Extractor[ClipConfig]):
             model, _, preprocess = open_clip.create_model_and_transforms(  # the tag's settings, the local file
                 c.model, pretrained=str(path), force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
                 **{f"image_{k}": tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg})
-        self.model = model.to(self.device).eval()
+        dtype = torch.bfloat16 if self.device.type == "cpu" and self.cpu_precision() == "bfloat16" else torch.float32
+        self.model = model.to(self.device, dtype=dtype).eval()
+        self.dtype = dtype
         self.preprocess = preprocess
 
     def embed(self, frames: Sequence[np.ndarray]) -> np.ndarray:
@@ -132,7 +152,8 @@ class ClipStage(Extractor[ClipConfig]):
         out = [np.zeros((0, int(self.model.visual.output_dim)), np.float32)]
         for start in range(0, len(frames), self.config.batch_frames):
             chunk = frames[start:start + self.config.batch_frames]
-            batch = torch.stack([self.preprocess(Image.fromarray(np.asarray(f))) for f in chunk]).to(self.device)
+            batch = torch.stack([self.preprocess(Image.fromarray(np.asarray(f))) for f in chunk])
+            batch = batch.to(self.device, dtype=self.dtype)
             with torch.inference_mode():
                 feats = self.model.encode_image(batch).float()
             out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())

@@ -68,7 +68,7 @@ def test_missing_weights_name_the_setting(tmp_path: Path) -> None:
 @needs_ffmpeg
 def test_checkpoint_file_round_trip(checkpoint: tuple[Path, torch.nn.Module], videos: list[Video]) -> None:
     path, model = checkpoint
-    stage = make_stage("clip", {"model": MODEL, "pretrained": str(path), "device": "cpu"})
+    stage = make_stage("clip", {"model": MODEL, "pretrained": str(path), "device": "cpu", "precision": "float32"})
     stage.ensure_setup()
     frames = list(videos[0].frames)
     got = stage.embed(frames)
@@ -81,6 +81,11 @@ def test_checkpoint_file_round_trip(checkpoint: tuple[Path, torch.nn.Module], vi
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert stage.weights_id() == make_stage("clip", {"pretrained": str(path)}).weights_id() != ""
     assert stage.provenance()["random_weights"] is False
+    fast = make_stage("clip", {"model": MODEL, "pretrained": str(path), "device": "cpu", "precision": "bfloat16"})
+    fast.ensure_setup()  # bfloat16 (AMX) stays within float tolerance of float32, and is keyed apart
+    cosine = (fast.embed(frames) * got).sum(axis=1)
+    assert cosine.min() >= 0.999, cosine
+    assert fast.fingerprint() != stage.fingerprint()
 
 
 @pytest.mark.slow
