@@ -153,3 +153,41 @@ def test_real_clip_bigbuckbunny(bigbuckbunny: Path, tmp_path: Path) -> None:
             assert ln["conf"] >= 0.75 and all(0 <= x <= 1280 and 0 <= y <= 720 for x, y in ln["box"])
     table = make_stage("ocr").table_rows("bbb", {"ocr.json": docs["bbb"]})["ocr_lines"]
     assert [r["text"] for r in table if not r["watermark"]] == [ln["text"] for ln in doc["subtitle_lines"]]
+
+
+@pytest.mark.slow
+@needs_ffmpeg
+def test_openvino_reads_what_onnxruntime_reads_and_unchanged_text_is_read_once(ocr_corpus: Path,
+                                                                                tmp_path: Path) -> None:
+    """The two runtimes of RapidOCR's ONNX models give the same lines; a subtitle that stays while the
+    picture above it changes is recognised once and reused, with the same subtitle as without reuse."""
+    row = load_manifest(str(ocr_corpus)).rows[0]
+    meta = probe(row.source)
+    frames, _ = decode_frames(row.source, meta, 1.0, (meta.width, meta.height), tmp_path / "f.rgb")
+    video = Video(row, "x", meta, np.asarray(frames), np.arange(len(frames), dtype=float))
+    lines = {}
+    for runtime in ("onnxruntime", "openvino"):
+        stage = make_stage("ocr", {"runtime": runtime, "reuse_lines": False})
+        stage.ensure_setup()
+        doc = stage.ocr_video(video)
+        lines[runtime] = [[(ln["text"], ln["conf"]) for ln in f["lines"]] for f in doc["frames"]]
+    ort, ov = lines["onnxruntime"], lines["openvino"]
+    assert [[t for t, _ in f] for f in ort] == [[t for t, _ in f] for f in ov]
+    np.testing.assert_allclose([c for f in ort for _, c in f], [c for f in ov for _, c in f], atol=1e-3)
+
+    rng = np.random.default_rng(0)  # the same frame, its top half new noise every second
+    still = np.repeat(np.asarray(frames)[1:2], 4, axis=0)
+    still[:, : meta.height // 2] = rng.integers(0, 255, still[:, : meta.height // 2].shape, dtype=np.uint8)
+    moving = Video(row, "x", meta, still, np.arange(4, dtype=float))
+    docs = {}
+    for reuse in (True, False):
+        stage = make_stage("ocr", {"reuse_lines": reuse})
+        stage.ensure_setup()
+        docs[reuse] = stage.ocr_video(moving)
+        if reuse:
+            assert stage.backend.memo.reused >= 3  # the subtitle in frames 2-4
+    assert not any(f["reused"] for f in docs[True]["frames"])  # the frame-level skip did not fire
+    read = {reuse: [[ln["text"] for ln in f["lines"]] for f in doc["frames"]] for reuse, doc in docs.items()}
+    assert read[True] == read[False]
+    first = norm(truth_subtitles(ocr_corpus)[row.video_id].splitlines()[0])
+    assert all(any(norm(t) == first for t in frame) for frame in read[True])

@@ -184,3 +184,36 @@ def test_status_and_retry(corpus: Path, tmp_path: Path) -> None:
     assert json.loads(res.output)["retried"] == {}
     res = runner.invoke(app, ["retry", str(root), "--kinds", "nonsense"])
     assert res.exit_code != 0 and "unknown error kinds" in str(res.exception)
+
+
+def _span(root: Path, run_id: str, stage: str) -> tuple[float, float]:
+    """When a stage's calls began and ended: the rows of one call are logged together, each with
+    its share of the call's seconds."""
+    rows = sorted((r for r in Ledger(str(root)).table(run_id).to_pylist() if r["stage"] == stage),
+                  key=lambda r: r["finished_at"])
+    calls: list[list[dict]] = []
+    for r in rows:
+        if calls and r["finished_at"] - calls[-1][-1]["finished_at"] < 0.02:
+            calls[-1].append(r)
+        else:
+            calls.append([r])
+    return min(c[-1]["finished_at"] - sum(r["seconds"] for r in c) for c in calls), rows[-1]["finished_at"]
+
+
+def test_independent_stages_run_side_by_side_and_dependents_wait(corpus: Path, tmp_path: Path) -> None:
+    """With `stages_at_once: 2` a stage that needs nothing from the others (sleepy) runs beside mel
+    and melstats, melstats still starts after mel, and the shards are the same as one at a time."""
+    stages = ["meta", "mel", "melstats", "sleepy"]
+    slow = {"stage_config": {"sleepy": {"every_s": 0.4}}, "decode_chunk": 64}
+    samples = {}
+    for at_once in (1, 2):
+        root = tmp_path / f"at-once-{at_once}"
+        counts = build(root, corpus, "r", stages=stages, stages_at_once=at_once, **slow)
+        assert all(c == Counter(ok=4) for s, c in counts.items() if s != "ingest"), counts
+        mel, melstats, sleepy = (_span(root, "r", s) for s in ("mel", "melstats", "sleepy"))
+        assert melstats[0] >= mel[1] - 0.05
+        overlap = min(sleepy[1], melstats[1]) - max(sleepy[0], mel[0])
+        assert (overlap > 0) == (at_once == 2), (at_once, mel, melstats, sleepy)
+        samples[at_once] = {k: {m: v for m, v in sample.items() if not m.startswith("__")}
+                            for k, sample in shard_samples(root).items()}
+    assert samples[1] == samples[2]

@@ -161,3 +161,23 @@ def test_sigkill_during_write_never_exposes_a_partial_file(tmp_path: Path) -> No
     proc.wait()
     assert not target.exists()
     assert all(p.name.startswith(TMP_PREFIX) for p in tmp_path.iterdir())
+
+
+def test_weight_digests_are_memoised_on_disk_until_the_file_changes(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import extractors.base as base
+
+    monkeypatch.setenv("USV_MODELS", str(tmp_path / "models"))
+    monkeypatch.setattr(base, "_DIGESTS", {})
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"a" * 1000)
+    first = base.file_digest([weights])
+    memo = tmp_path / "models" / "weight-digests.json"
+    known = json.loads(memo.read_text())
+    assert list(known.values()) == [first]
+    memo.write_text(json.dumps({k: "from-the-memo" for k in known}))  # a new process trusts the memo …
+    monkeypatch.setattr(base, "_DIGESTS", {})
+    assert base.file_digest([weights]) == "from-the-memo"
+    weights.write_bytes(b"b" * 1001)  # … until the file's size or mtime changes
+    changed = base.file_digest([weights])
+    assert changed not in (first, "from-the-memo") and len(changed) == 16
