@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from multiprocessing.connection import Connection
 from typing import Any
@@ -37,6 +38,10 @@ GPU_LIMIT = "usv-gpu"  # Prefect global concurrency limit; create it with limit 
 Result = Members | UsvError
 log = logging.getLogger(__name__)
 _WORKERS: dict[int, StageWorker] = {}
+# Children ask to be SIGKILLed when their parent dies (PR_SET_PDEATHSIG, in `_serve`), and Linux
+# counts the *thread* that started them as the parent: stage threads come and go with each chunk,
+# so workers are started from this one thread, which lives as long as the process.
+_SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="usv-stage-spawner")
 _WORKERS_LOCK = threading.Lock()
 
 
@@ -66,8 +71,9 @@ class StageWorker:
         self._lock = threading.Lock()
 
     def _start(self) -> None:
-        self._proc = subprocess.Popen([sys.executable, "-m", "flows.isolation"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, start_new_session=True)  # killpg reaches its children
+        self._proc = _SPAWNER.submit(  # killpg reaches its children
+            subprocess.Popen, [sys.executable, "-m", "flows.isolation"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, start_new_session=True).result()
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._send = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
         self._recv = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
@@ -100,6 +106,8 @@ class StageWorker:
 
     def call(self, videos: Sequence[Video], timeout_s: float) -> list[Result] | UsvError:
         with self._lock:
+            if self._proc is not None and self._proc.poll() is not None:  # died between batches: a new one
+                self.stop()
             if self._proc is None:
                 self._start()
             assert self._send is not None

@@ -9,6 +9,7 @@ Every outcome becomes a ledger row (decision 3); a failing video never stops the
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import tempfile
@@ -242,7 +243,8 @@ class BatchRunner:
                 if ready and len(running) < self.cfg.stages_at_once:
                     stage = next((s for s in ready if not _RUN_LOCKS[id(s)].locked()), ready[0])
                     waiting.remove(stage)
-                    running[pool.submit(self._run_stage, stage, chunk)] = stage
+                    # the Prefect run context (GPU limit, logging) lives in contextvars: carry it over
+                    running[pool.submit(contextvars.copy_context().run, self._run_stage, stage, chunk)] = stage
                     continue
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
