@@ -47,7 +47,7 @@ class OcrConfig(StageConfig):
                                                 "reuses that reading instead of recognising it again")
     reuse_max_diff: float = Field(2.0, ge=0.0, description="mean absolute pixel difference (0-255) under which "
                                                            "two crops of the same size count as the same")
-    threads: int | None = Field(None, ge=1, description="rapidocr: ONNX intra-op threads (default 1); "
+    threads: int | None = Field(None, ge=1, description="rapidocr: inference threads (default 1); "
                                                         "easyocr: torch threads (default: leave as is)")
     languages: list[str] = Field(default_factory=lambda: ["en"], description="easyocr language codes")
     easyocr_model_dir: str | None = Field(None, description="folder with EasyOCR .pth weights; "
