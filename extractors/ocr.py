@@ -19,7 +19,10 @@ video most recognitions are repeats; detection still runs on every frame.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -71,17 +74,34 @@ class _Backend(Protocol):
 
 
 class _OpenVino:
-    """An ONNX model compiled by OpenVINO for the CPU at f32, called like RapidOCR's own session."""
+    """An ONNX model compiled by OpenVINO for the CPU at f32, called like RapidOCR's own session.
+
+    Released at interpreter exit, before module teardown: an OpenVINO object destroyed after its
+    plugin library was unloaded crashes the process on exit (openvinotoolkit/openvino#18388)."""
 
     def __init__(self, path: Path, threads: int) -> None:
         import openvino
 
         model = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
                                                                  "INFERENCE_PRECISION_HINT": "f32"})
-        self.request = model.create_infer_request()
+        self.request: Any = model.create_infer_request()
+        _OPENVINO.add(self)
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         return [self.request.infer({0: batch})[0].copy()]
+
+    def close(self) -> None:
+        self.request = None
+
+
+_OPENVINO: weakref.WeakSet[_OpenVino] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_openvino() -> None:
+    for session in list(_OPENVINO):
+        session.close()
+    gc.collect()
 
 
 class _ReadingMemo:
