@@ -9,12 +9,14 @@ whose 64×36 grey thumbnail differs from the last OCR'd one by at most `skip_max
 every pixel reuses that frame's lines (static slides cost one OCR call, not one per second).
 Post-processing lives in `extractors.ocr_text`.
 
-Throughput (issue 6): RapidOCR's two ONNX models run on OpenVINO at f32 by default — the same
-files, the same readings as ONNX Runtime (largest output difference ≈1e-7), ≈1.7× faster on
-this CPU. And recognition is skipped where the text region did not change: a detected box
-whose crop matches, pixel for pixel within `reuse_max_diff`, a crop read in the previous
-sampled frame reuses that reading. Subtitles and watermarks stay for seconds, so on moving
-video most recognitions are repeats; detection still runs on every frame.
+Throughput (issue 6): with `runtime: openvino` RapidOCR's two ONNX models run on OpenVINO at f32
+— the same files, the same readings as ONNX Runtime (largest output difference ≈1e-7), ≈1.6×
+faster on this CPU; opt-in, because one test-suite run crashed with OpenVINO inferring in one
+stage thread while numba compiled (librosa, under Resemblyzer) in another. And recognition is
+skipped where the text region did not change: a detected box whose crop matches, pixel for
+pixel within `reuse_max_diff`, a crop read in the previous sampled frame reuses that reading.
+Subtitles and watermarks stay for seconds, so on moving video most recognitions are repeats;
+detection still runs on every frame.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ class OcrConfig(StageConfig):
     min_conf: float = Field(0.75, ge=0.0, le=1.0, description="lines read with less confidence are dropped")
     min_chars: int = Field(2, ge=1, description="lines with fewer letters/digits are dropped (noise)")
     rec_batch: int = Field(1, ge=1, description="rapidocr: lines per recognizer call (batches pad to the widest)")
-    runtime: Literal["openvino", "onnxruntime"] = Field("openvino", description="rapidocr: engine running its "
-                                                        "ONNX models (OpenVINO f32: same readings, faster on CPU)")
+    runtime: Literal["openvino", "onnxruntime"] = Field(
+        "onnxruntime", description="rapidocr: engine running its ONNX models. openvino (f32): same readings, "
+                                   "≈1.6× faster on CPU, but opt-in: the test suite once crashed (SIGSEGV) while "
+                                   "OpenVINO inferred beside numba compiling in another stage thread")
     reuse_lines: bool = Field(True, description="a box whose crop matches one read in the previous frame "
                                                 "reuses that reading instead of recognising it again")
     reuse_max_diff: float = Field(2.0, ge=0.0, description="mean absolute pixel difference (0-255) under which "
