@@ -9,10 +9,11 @@ whose 64×36 grey thumbnail differs from the last OCR'd one by at most `skip_max
 every pixel reuses that frame's lines (static slides cost one OCR call, not one per second).
 Post-processing lives in `extractors.ocr_text`.
 
-Throughput (issue 6): with `runtime: openvino` RapidOCR's two ONNX models run on OpenVINO at f32
-— the same files, the same readings as ONNX Runtime (largest output difference ≈1e-7), ≈1.6×
-faster on this CPU; opt-in, because one test-suite run crashed with OpenVINO inferring in one
-stage thread while numba compiled (librosa, under Resemblyzer) in another. And recognition is
+Throughput (issue 6): RapidOCR's two ONNX models run on OpenVINO at f32 (`runtime: openvino`,
+the default) — the same files, the same readings as ONNX Runtime (largest output difference
+≈1e-7), 1.6–1.9× faster on the CPUs measured; `runtime: onnxruntime` is RapidOCR's own engine.
+(A suite run once crashed with OpenVINO inferring in one stage thread while numba compiled
+librosa's kernels in another; the pipeline no longer loads numba: see `extractors.diarize`.) And recognition is
 skipped where the text region did not change: a detected box whose crop matches, pixel for
 pixel within `reuse_max_diff`, a crop read in the previous sampled frame reuses that reading.
 Subtitles and watermarks stay for seconds, so on moving video most recognitions are repeats;
@@ -47,9 +48,8 @@ class OcrConfig(StageConfig):
     min_chars: int = Field(2, ge=1, description="lines with fewer letters/digits are dropped (noise)")
     rec_batch: int = Field(1, ge=1, description="rapidocr: lines per recognizer call (batches pad to the widest)")
     runtime: Literal["openvino", "onnxruntime"] = Field(
-        "onnxruntime", description="rapidocr: engine running its ONNX models. openvino (f32): same readings, "
-                                   "≈1.6× faster on CPU, but opt-in: the test suite once crashed (SIGSEGV) while "
-                                   "OpenVINO inferred beside numba compiling in another stage thread")
+        "openvino", description="rapidocr: engine running its ONNX models. openvino (f32): same readings as "
+                                "onnxruntime (RapidOCR's own), 1.6–1.9× faster on CPU")
     reuse_lines: bool = Field(True, description="a box whose crop matches one read in the previous frame "
                                                 "reuses that reading instead of recognising it again")
     reuse_max_diff: float = Field(2.0, ge=0.0, description="mean absolute pixel difference (0-255) under which "

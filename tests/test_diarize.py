@@ -134,3 +134,26 @@ def test_speaker_count_on_synthetic_corpus(tmp_path: Path) -> None:
     right = sum(f == t["num_speakers"] for f, t in zip(found, truth, strict=True))
     print(f"speaker count right for {right}/{len(truth)} synthetic videos")
     assert right >= 0.9 * len(truth), list(zip(found, [t["num_speakers"] for t in truth], strict=True))
+
+
+def test_mel_matches_resemblyzer_without_loading_numba() -> None:
+    """The encoder's input equals Resemblyzer's own librosa mel, computed without numba's JIT."""
+    import subprocess
+    import sys
+
+    import torch
+    from resemblyzer.audio import wav_to_mel_spectrogram
+
+    from extractors.diarize import resemblyzer_mel
+
+    wav = (np.random.default_rng(0).standard_normal(16000 * 3) * 0.1).astype(np.float32)
+    theirs = wav_to_mel_spectrogram(wav)
+    ours = resemblyzer_mel()(torch.from_numpy(wav)).numpy().T
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+    code = ("import sys, numpy as np; from extractors.base import make_stage;"
+            "from tests.test_diarize import audio_video;"
+            "s = make_stage('diarize'); s.ensure_setup(); w = np.random.default_rng(1).standard_normal(48000) * 0.1;"
+            "s.process([audio_video(w.astype(np.float32))]); print('numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
