@@ -69,8 +69,17 @@ class StageWorker:
         self._send: Connection | None = None
         self._recv: Connection | None = None
         self._lock = threading.Lock()
+        self._ready = False
 
-    def _start(self) -> None:
+    def spawn(self) -> None:
+        """Start the child and have it load the stage's models, without waiting for it (warm-up)."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is not None:  # died between batches: a new one
+                self.stop()
+            if self._proc is None:
+                self._spawn()
+
+    def _spawn(self) -> None:
         self._proc = _SPAWNER.submit(  # killpg reaches its children
             subprocess.Popen, [sys.executable, "-m", "flows.isolation"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, start_new_session=True).result()
@@ -80,8 +89,14 @@ class StageWorker:
         self._send.send({"path": sys.path, "module": type(self.stage).__module__, "cls": type(self.stage).__qualname__,
                          "settings": json.loads(self.stage.config.model_dump_json()), "decode": self.stage.decode,
                          "memory_gb": self.memory_gb})
+        self._ready = False
+
+    def _await_ready(self) -> None:
+        if self._ready:
+            return
         reply = self._wait(SETUP_TIMEOUT_S)
-        if not (isinstance(reply, tuple) and reply[0] == "ready"):
+        self._ready = isinstance(reply, tuple) and reply[0] == "ready"
+        if not self._ready:
             self.stop()
             detail = reply.message if isinstance(reply, UsvError) else reply
             raise RuntimeError(f"stage {self.stage.name!r} could not start in its worker process: {detail}")
@@ -109,7 +124,8 @@ class StageWorker:
             if self._proc is not None and self._proc.poll() is not None:  # died between batches: a new one
                 self.stop()
             if self._proc is None:
-                self._start()
+                self._spawn()
+            self._await_ready()
             assert self._send is not None
             try:
                 self._send.send(list(videos))

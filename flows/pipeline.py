@@ -2,8 +2,9 @@
 
 For each video the planner computes every stage's cache key and keeps only the stages whose
 output is missing (decision 1). Videos with work are decoded in small chunks, once, with only
-the inputs their pending stages need (decision 5); the next chunk decodes on a second thread
-while the stages run on this one. Each stage then runs on the whole chunk as one batch.
+the inputs their pending stages need (decision 5); the next chunk decodes on its own thread
+while the stages run. Each stage then runs on the whole chunk as one batch, beside other
+stages of this chunk or the next (`BatchRunner.run_chunks`).
 Every outcome becomes a ledger row (decision 3); a failing video never stops the batch.
 """
 
@@ -16,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ ABSENT_INPUT = frozenset({ErrorKind.NO_AUDIO})
 _STAGES: dict[str, Extractor[Any]] = {}
 _STAGES_LOCK = threading.Lock()
 _RUN_LOCKS: dict[int, threading.Lock] = {}
+_CHUNKS_OPEN = 2  # chunks decoded (or decoding) and not yet done: bounds the frames held in memory
 
 
 def load_stages(cfg: BuildConfig, names: Sequence[str] | None = None) -> list[Extractor[Any]]:
@@ -78,6 +80,15 @@ class _Item:
     failed: dict[str, UsvError] = field(default_factory=dict)
     video: Video | None = None
     decode_errors: dict[str, UsvError] = field(default_factory=dict)
+
+
+@dataclass
+class _Open:
+    """A decoded chunk whose stages are still running: the stages not yet started, those running."""
+
+    items: list[_Item]
+    waiting: list[Extractor[Any]]
+    running: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -226,30 +237,64 @@ class BatchRunner:
             if isolated(self.cfg, stage):
                 memory = limit_for(self.cfg.stage_memory_gb, stage.name)
                 timeout = limit_for(self.cfg.stage_timeout_s, stage.name)
+                # only what the stage reads crosses the pipe (frames for OCR, not the audio track)
+                videos = [replace(v, frames=v.frames if "frames" in stage.needs else None,
+                                  audio=v.audio if "audio" in stage.needs else None) for v in videos]
                 return run_isolated(worker_for(stage, memory), videos, timeout or SETUP_TIMEOUT_S)
             stage.ensure_setup()
             return call_isolating(stage, videos)
 
-    def run_stages(self, chunk: list[_Item]) -> None:
-        """Every stage on the chunk, each after the stages it requires; up to `stages_at_once`
-        independent stages run together (their models are native code that leaves the GIL). A stage
-        whose model another batch is using is put off while another ready stage can run."""
-        waiting = list(self.stages)
-        running: dict[Future[None], Extractor[Any]] = {}
-        with ThreadPoolExecutor(self.cfg.stages_at_once, thread_name_prefix="usv-stage") as pool:
-            while waiting or running:
-                names = {s.name for s in waiting} | {s.name for s in running.values()}
-                ready = [s for s in waiting if not names.intersection(s.requires)]
-                if ready and len(running) < self.cfg.stages_at_once:
-                    stage = next((s for s in ready if not _RUN_LOCKS[id(s)].locked()), ready[0])
-                    waiting.remove(stage)
-                    # the Prefect run context (GPU limit, logging) lives in contextvars: carry it over
-                    running[pool.submit(contextvars.copy_context().run, self._run_stage, stage, chunk)] = stage
+    def run_chunks(self, chunks: list[list[_Item]], decode: Callable[[list[_Item]], list[_Item]],
+                   close: Callable[[list[_Item]], None]) -> None:
+        """Every stage on every chunk. A stage runs after the stages it requires (same chunk) and
+        after its own call on the previous chunk; up to `stages_at_once` such calls run together
+        (their models are native code that leaves the GIL), across two chunks at a time, so a
+        chunk's slow stage does not leave a core idle while the next chunk waits. The next chunk
+        decodes on its own thread meanwhile. A stage whose model another batch (or the warm-up)
+        is using is put off while another call can run. Finished chunks are closed in order."""
+        opened: list[_Open] = []
+        running: dict[Future[Any], tuple[_Open, Extractor[Any]] | None] = {}
+        todo = list(chunks)
+        with ThreadPoolExecutor(1, thread_name_prefix="usv-decode") as decoder, \
+                ThreadPoolExecutor(self.cfg.stages_at_once, thread_name_prefix="usv-stage") as pool:
+            while todo or opened or running:
+                decoding = any(v is None for v in running.values())
+                if todo and not decoding and len(opened) < _CHUNKS_OPEN:
+                    running[decoder.submit(decode, todo.pop(0))] = None
                     continue
+                call = self._next_call(opened) if sum(v is not None for v in running.values()) \
+                    < self.cfg.stages_at_once else None
+                if call is not None:
+                    chunk, stage = call
+                    chunk.waiting.remove(stage)
+                    chunk.running.add(stage.name)
+                    # the Prefect run context (GPU limit, logging) lives in contextvars: carry it over
+                    running[pool.submit(contextvars.copy_context().run, self._run_stage, stage, chunk.items)] = call
+                    continue
+                if not running:
+                    raise RuntimeError(f"no stage can run: {[[s.name for s in c.waiting] for c in opened]}")
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    del running[future]
-                    future.result()
+                    what = running.pop(future)
+                    if what is None:
+                        opened.append(_Open(future.result(), list(self.stages)))
+                    else:
+                        what[0].running.discard(what[1].name)
+                        future.result()
+                while opened and not opened[0].waiting and not opened[0].running:
+                    close(opened.pop(0).items)
+
+    @staticmethod
+    def _next_call(opened: list[_Open]) -> tuple[_Open, Extractor[Any]] | None:
+        """The earliest chunk's first ready stage, preferring one whose model is free."""
+        ready: list[tuple[_Open, Extractor[Any]]] = []
+        earlier: set[str] = set()  # stages still to run (or running) on an earlier chunk
+        for chunk in opened:
+            names = {s.name for s in chunk.waiting} | chunk.running
+            ready += [(chunk, s) for s in chunk.waiting
+                      if s.name not in earlier and not names.intersection(s.requires)]
+            earlier |= names
+        return next((c for c in ready if not _RUN_LOCKS[id(c[1])].locked()), ready[0] if ready else None)
 
     def _run_stage(self, stage: Extractor[Any], chunk: list[_Item]) -> None:
         todo: list[_Item] = []
@@ -286,24 +331,27 @@ class BatchRunner:
         items = self.plan(rows)
         self._flush()
         chunks = [items[i:i + self.cfg.decode_chunk] for i in range(0, len(items), self.cfg.decode_chunk)]
-        with tempfile.TemporaryDirectory(prefix="usv-decode-") as tmp, ThreadPoolExecutor(1) as pool, \
+        with tempfile.TemporaryDirectory(prefix="usv-decode-") as tmp, \
                 ThreadPoolExecutor(1, thread_name_prefix="usv-warm-up") as warm:
             pending = {name for item in items for name in item.pending}
             warm.submit(warm_up, self.cfg, [s for s in self.stages if s.name in pending])
-            for chunk in _prefetched(chunks, lambda c: self.decode(c, Path(tmp)), pool):
-                self.run_stages(chunk)
+
+            def close(chunk: list[_Item]) -> None:
                 self._flush()
-                for item in chunk:  # drop arrays, memmaps and downloads before the next chunk
+                for item in chunk:  # drop arrays, memmaps and downloads
                     item.video = None
                     (Path(tmp) / f"{item.row.video_id}.rgb").unlink(missing_ok=True)
                     self._ingestor.forget_media(item.ingested)
+
+            self.run_chunks(chunks, lambda c: self.decode(c, Path(tmp)), close)
         self.report.seconds = time.perf_counter() - t0
         return self.report
 
 
 def isolated(cfg: BuildConfig, stage: Extractor[Any]) -> bool:
-    """Whether the stage runs in its own worker process (it has a deadline or a memory limit)."""
-    return bool(limit_for(cfg.stage_timeout_s, stage.name) or limit_for(cfg.stage_memory_gb, stage.name))
+    """Whether the stage runs in its own worker process (`own_process`, a deadline or a memory limit)."""
+    return bool(stage.name in cfg.own_process or limit_for(cfg.stage_timeout_s, stage.name)
+                or limit_for(cfg.stage_memory_gb, stage.name))
 
 
 def warm_up(cfg: BuildConfig, stages: Sequence[Extractor[Any]]) -> None:
@@ -311,7 +359,8 @@ def warm_up(cfg: BuildConfig, stages: Sequence[Extractor[Any]]) -> None:
     and weight loading (≈10 s for the default stages) overlap Prefect's start, decoding and the first
     stages. A stage that fails to load is left alone: its first batch raises the error again, per video."""
     for stage in stages:
-        if isolated(cfg, stage):
+        if isolated(cfg, stage):  # its worker process loads the models, beside this thread
+            worker_for(stage, limit_for(cfg.stage_memory_gb, stage.name)).spawn()
             continue
         with _RUN_LOCKS[id(stage)]:
             try:
@@ -337,16 +386,6 @@ def call_isolating(stage: Extractor[Any], videos: Sequence[Video]) -> list[Membe
         except Exception as exc:  # noqa: BLE001
             out.append(_error_of(exc))
     return out
-
-
-def _prefetched(chunks: list[list[_Item]], decode: Any, pool: ThreadPoolExecutor) -> Iterator[list[_Item]]:
-    """Yield decoded chunks while the next one decodes on the pool's thread."""
-    future: Future[list[_Item]] | None = pool.submit(decode, chunks[0]) if chunks else None
-    for i in range(len(chunks)):
-        assert future is not None
-        current = future.result()
-        future = pool.submit(decode, chunks[i + 1]) if i + 1 < len(chunks) else None
-        yield current
 
 
 def process_batch(rows: Sequence[ManifestRow], cfg: BuildConfig, run_id: str) -> BatchReport:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -162,7 +163,34 @@ _register_extensions()
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        leave(exc.code)
+    leave(0)
+
+
+def leave(code: int | str | None) -> None:
+    """End the process as Python would, minus the module teardown: threads are joined and exit
+    handlers run (Prefect drains its log and event queues, stage worker processes stop, OpenVINO
+    sessions close), then `os._exit`. Freeing torch, CTranslate2 and OpenVINO objects module by
+    module takes 2–3 s after a build, and native destructors at that stage have crashed
+    processes (openvinotoolkit/openvino#18388). `USV_FAST_EXIT=0` keeps the full shutdown."""
+    import atexit
+    import threading
+
+    shutdown = getattr(threading, "_shutdown", None)  # what Py_FinalizeEx calls first
+    if os.environ.get("USV_FAST_EXIT", "1") == "0" or shutdown is None:
+        sys.exit(code)
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

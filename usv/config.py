@@ -84,6 +84,10 @@ class BuildConfig(_Strict):
     stage_memory_gb: dict[str, float] = Field(
         default_factory=dict, description="address space a stage's worker process may add on top of its loaded "
         "models ('*': every stage; Linux); a video that exceeds it is recorded as `oom`")
+    own_process: list[str] = Field(
+        default_factory=lambda: ["ocr"], description="stages that run in their own worker process even without a "
+        "limit: a stage with much Python around its model (OCR's pre- and post-processing) then holds its own "
+        "GIL instead of slowing the stages beside it")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
