@@ -133,7 +133,7 @@ class BatchRunner:
 
     def _log(self, video_id: str, stage: str, key: str, status: str, seconds: float = 0.0,
              error: UsvError | None = None) -> None:
-        with self._log_lock:  # stages of one chunk log from their own threads
+        with self._log_lock:  # stages log from their own threads
             attempt = self._attempt(video_id, stage, key) if error else 1
             self.rows.append(LedgerRow(
                 self.run_id, video_id, stage, key, status,
@@ -142,8 +142,9 @@ class BatchRunner:
             self.report.add(stage, f"error:{error.kind.value}" if error else status)
 
     def _flush(self) -> None:
-        self.ledger.append(self.rows)
-        self.rows = []
+        with self._log_lock:  # stages of the next chunk may be logging meanwhile
+            rows, self.rows = self.rows, []
+        self.ledger.append(rows)
 
     # -- plan -----------------------------------------------------------------------------
     def plan(self, rows: Sequence[ManifestRow]) -> list[_Item]:

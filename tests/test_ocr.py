@@ -74,10 +74,10 @@ def ocr_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("ocr-corpus"), topics=4, per_topic=1, seconds=8.0)
 
 
-def run_ocr(manifest: Path, out: Path, settings: dict[str, Any] | None = None) -> dict[str, bytes]:
+def run_ocr(manifest: Path, out: Path, settings: dict[str, Any] | None = None, **build: Any) -> dict[str, bytes]:
     """Build stages meta+ocr with the real pipeline; the `ocr.json` bytes of every video."""
     cfg = BuildConfig(manifest=str(manifest), output=str(out), stages=["meta", "ocr"],
-                      stage_config={"ocr": settings or {}})
+                      stage_config={"ocr": settings or {}}, **build)
     report = process_batch(load_manifest(str(manifest)).rows, cfg, "test")
     assert report.counts["ocr"] == {"ok": report.videos}, report.counts
     fp = load_stages(cfg, ["ocr"])[0].fingerprint()
@@ -116,7 +116,11 @@ def test_rapidocr_subtitles_match_truth_and_are_deterministic(ocr_corpus: Path, 
         assert [ln["start"] for ln in doc["subtitle_lines"]] == sorted(ln["start"] for ln in doc["subtitle_lines"])
         assert all(0.0 <= p[0] <= 640 and 0.0 <= p[1] <= 360 for f in doc["frames"] for ln in f["lines"]
                    for p in ln["box"])
-    assert run_ocr(ocr_corpus, tmp_path / "b") == docs  # same input, same bytes
+    # same input, same bytes: OCR ran in its worker process above (`own_process`), here in this one
+    from flows.isolation import _WORKERS
+
+    assert any(w.stage.name == "ocr" and w._proc is not None for w in _WORKERS.values())
+    assert run_ocr(ocr_corpus, tmp_path / "b", own_process=[]) == docs
 
 
 @pytest.mark.slow

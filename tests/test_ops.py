@@ -186,8 +186,8 @@ def test_status_and_retry(corpus: Path, tmp_path: Path) -> None:
     assert res.exit_code != 0 and "unknown error kinds" in str(res.exception)
 
 
-def _span(root: Path, run_id: str, stage: str) -> tuple[float, float]:
-    """When a stage's calls began and ended: the rows of one call are logged together, each with
+def _calls(root: Path, run_id: str, stage: str) -> list[tuple[float, float]]:
+    """(start, end) of each call of a stage: the rows of one call are logged together, each with
     its share of the call's seconds."""
     rows = sorted((r for r in Ledger(str(root)).table(run_id).to_pylist() if r["stage"] == stage),
                   key=lambda r: r["finished_at"])
@@ -197,7 +197,13 @@ def _span(root: Path, run_id: str, stage: str) -> tuple[float, float]:
             calls[-1].append(r)
         else:
             calls.append([r])
-    return min(c[-1]["finished_at"] - sum(r["seconds"] for r in c) for c in calls), rows[-1]["finished_at"]
+    return [(c[-1]["finished_at"] - sum(r["seconds"] for r in c), c[-1]["finished_at"]) for c in calls]
+
+
+def _span(root: Path, run_id: str, stage: str) -> tuple[float, float]:
+    """When a stage's calls began and ended."""
+    calls = _calls(root, run_id, stage)
+    return min(start for start, _ in calls), calls[-1][1]
 
 
 def test_independent_stages_run_side_by_side_and_dependents_wait(corpus: Path, tmp_path: Path) -> None:
@@ -217,3 +223,17 @@ def test_independent_stages_run_side_by_side_and_dependents_wait(corpus: Path, t
         samples[at_once] = {k: {m: v for m, v in sample.items() if not m.startswith("__")}
                             for k, sample in shard_samples(root).items()}
     assert samples[1] == samples[2]
+
+
+def test_the_next_chunk_starts_while_this_one_finishes(corpus: Path, tmp_path: Path) -> None:
+    """Two chunks of two videos: `sleepy` on the second chunk runs while `sleepyecho`, which needs
+    `sleepy`, finishes the first; each stage still takes the chunks in order and every row is kept."""
+    root = tmp_path / "pipelined"
+    counts = build(root, corpus, "r", stages=["meta", "sleepy", "sleepyecho"], decode_chunk=2,
+                   stage_config={"sleepy": {"every_s": 0.4}, "sleepyecho": {"every_s": 0.4}})
+    assert counts["sleepy"] == counts["sleepyecho"] == Counter(ok=4), counts
+    sleepy, echo = _calls(root, "r", "sleepy"), _calls(root, "r", "sleepyecho")
+    assert len(sleepy) == len(echo) == 2, (sleepy, echo)
+    assert echo[0][0] >= sleepy[0][1] - 0.05 and echo[1][0] >= sleepy[1][1] - 0.05  # needs its input
+    assert sleepy[1][0] < echo[0][1] - 0.2, (sleepy, echo)  # chunk 2 did not wait for chunk 1 to finish
+    assert len(shard_samples(root)) == 4

@@ -65,14 +65,20 @@ class Sleepy(Extractor[SleepyConfig]):
         return out
 
 
+class SleepyEchoConfig(StageConfig):
+    every_s: float = 0.0
+
+
 @register
-class SleepyEcho(Extractor[StageConfig]):
+class SleepyEcho(Extractor[SleepyEchoConfig]):
     """Test-only stage that reads `sleepy`, so a timed-out `sleepy` fails it as `upstream`."""
 
     name = "sleepyecho"
+    Config = SleepyEchoConfig
     requires = ("sleepy",)
 
     def process(self, videos: Sequence[Video]) -> list[Members | UsvError]:
+        time.sleep(self.config.every_s * len(videos))
         return [{"sleepyecho.json": v.upstream["sleepy"]["sleepy.json"]} for v in videos]
 
 
