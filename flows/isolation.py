@@ -72,12 +72,17 @@ class StageWorker:
         self._ready = False
 
     def spawn(self) -> None:
-        """Start the child and have it load the stage's models, without waiting for it (warm-up)."""
-        with self._lock:
+        """Start the child and have it load the stage's models, without waiting for it (warm-up).
+        A worker busy with a batch is left alone: it is running."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             if self._proc is not None and self._proc.poll() is not None:  # died between batches: a new one
                 self.stop()
             if self._proc is None:
                 self._spawn()
+        finally:
+            self._lock.release()
 
     def _spawn(self) -> None:
         self._proc = _SPAWNER.submit(  # killpg reaches its children
