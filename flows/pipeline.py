@@ -254,34 +254,34 @@ class BatchRunner:
         decodes on its own thread meanwhile. A stage whose model another batch (or the warm-up)
         is using is put off while another call can run. Finished chunks are closed in order."""
         opened: list[_Open] = []
-        running: dict[Future[Any], tuple[_Open, Extractor[Any]] | None] = {}
+        calls: dict[Future[None], tuple[_Open, Extractor[Any]]] = {}
+        decoding: Future[list[_Item]] | None = None
         todo = list(chunks)
         with ThreadPoolExecutor(1, thread_name_prefix="usv-decode") as decoder, \
                 ThreadPoolExecutor(self.cfg.stages_at_once, thread_name_prefix="usv-stage") as pool:
-            while todo or opened or running:
-                decoding = any(v is None for v in running.values())
-                if todo and not decoding and len(opened) < _CHUNKS_OPEN:
-                    running[decoder.submit(decode, todo.pop(0))] = None
+            while todo or opened or decoding:
+                if todo and decoding is None and len(opened) < _CHUNKS_OPEN:
+                    decoding = decoder.submit(decode, todo.pop(0))
                     continue
-                call = self._next_call(opened) if sum(v is not None for v in running.values()) \
-                    < self.cfg.stages_at_once else None
+                call = self._next_call(opened) if len(calls) < self.cfg.stages_at_once else None
                 if call is not None:
                     chunk, stage = call
                     chunk.waiting.remove(stage)
                     chunk.running.add(stage.name)
                     # the Prefect run context (GPU limit, logging) lives in contextvars: carry it over
-                    running[pool.submit(contextvars.copy_context().run, self._run_stage, stage, chunk.items)] = call
+                    calls[pool.submit(contextvars.copy_context().run, self._run_stage, stage, chunk.items)] = call
                     continue
-                if not running:
+                busy: list[Future[Any]] = [*calls, *([decoding] if decoding else [])]
+                if not busy:
                     raise RuntimeError(f"no stage can run: {[[s.name for s in c.waiting] for c in opened]}")
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    what = running.pop(future)
-                    if what is None:
-                        opened.append(_Open(future.result(), list(self.stages)))
-                    else:
-                        what[0].running.discard(what[1].name)
-                        future.result()
+                done, _ = wait(busy, return_when=FIRST_COMPLETED)
+                if decoding in done:
+                    opened.append(_Open(decoding.result(), list(self.stages)))
+                    decoding = None
+                for future in done.intersection(calls):
+                    chunk, stage = calls.pop(future)
+                    chunk.running.discard(stage.name)
+                    future.result()
                 while opened and not opened[0].waiting and not opened[0].running:
                     close(opened.pop(0).items)
 
