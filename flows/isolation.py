@@ -8,7 +8,8 @@ the batch is re-run video by video in fresh children, so only the culprit is rec
 `timeout` and the rest of the batch goes on. A child that dies on its own (the kernel's OOM
 killer) or exceeds its address-space limit (set after setup, on top of what the models
 mapped) records `oom`. The cost is a copy of the decoded
-inputs through the pipe and a model load after each kill; stages without limits run in-process.
+inputs through the pipe and a model load after each kill. Stages listed in `own_process` run
+here too without a limit (their Python then holds its own GIL); the other stages run in-process.
 A subprocess, not `multiprocessing`, so it also works inside daemonic Dask worker processes,
 and CUDA initialises cleanly in the child.
 """

@@ -74,8 +74,8 @@ class BuildConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="videos per Prefect task (decision 4)")
     decode_chunk: int = Field(4, ge=1, description="videos decoded together inside a batch")
     workers: int = Field(2, ge=1, description="batches run at once")
-    stages_at_once: int = Field(2, ge=1, description="independent stages of one chunk run at once (e.g. ocr beside "
-                                                      "asr), so the cores stay busy while a lone batch finishes")
+    stages_at_once: int = Field(2, ge=1, description="stage calls that run at once (e.g. ocr beside asr), across two "
+                                                      "chunks, so the cores stay busy while a lone batch finishes")
     task_runner: str = Field("threads", description="threads | processes | dask | ray")
     task_runner_address: str | None = None
     stage_timeout_s: dict[str, float] = Field(
